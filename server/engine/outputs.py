@@ -1,0 +1,48 @@
+"""What the engine hands back: per-request deltas each step, and a stats snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # aborted by the caller (e.g. client disconnected)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]  # tokens produced since the last output
+    new_text: str  # text produced since the last output (stop strings cut off)
+    finished: bool
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    first_token_time: float | None = None  # time.monotonic() of the first output token
+    arrival_time: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics and /ready; plain numbers, no Prometheus here."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    kv_blocks_used_by_prefixes: int = 0
+    prefixes_resident: int = 0  # prefixes with blocks in the pool
+    prefixes_resident_bytes: int = 0
+    prefix_hits: int = 0  # cumulative: a request found its prefix resident
+    prefix_misses: int = 0  # cumulative: the prefix was copied into the pool
+    prefix_evictions: int = 0  # cumulative
+    preemptions: int = 0  # cumulative
+    steps: int = 0  # cumulative
+    prompt_tokens: int = 0  # cumulative, prefill tokens computed (recompute included)
+    generated_tokens: int = 0  # cumulative
+    last_step_tokens: int = 0
+    last_step_requests: int = 0
+    step_token_counts: list[int] = field(default_factory=list)  # tokens of steps since last snapshot
