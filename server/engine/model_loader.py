@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,12 +53,20 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     log.info("converting %s into %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantized to float32; drop the GGUF quantizer so that
+    # save_pretrained writes plain safetensors and the folder loads as a normal model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
     return target
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -45,4 +45,5 @@ class EngineStats:
     generated_tokens: int = 0  # cumulative
     last_step_tokens: int = 0
     last_step_requests: int = 0
-    step_token_counts: list[int] = field(default_factory=list)  # tokens of steps since last snapshot
+    scheduled_tokens: int = 0  # cumulative tokens over all steps (tokens/step = this / steps)
+    scheduled_requests: int = 0  # cumulative requests over all steps

@@ -36,6 +36,8 @@ class Request:
     output_text: str = ""  # detokenized output, stop strings cut off
     num_text_emitted: int = 0  # characters of output_text already sent
     num_tokens_emitted: int = 0  # tokens already sent
+    detok_prefix_offset: int = 0  # incremental detokenization window (see detokenizer.py)
+    detok_read_offset: int = 0
     first_token_time: float | None = None
     num_preemptions: int = 0
 

@@ -1,0 +1,267 @@
+"""Parsing and checking an uploaded prefix, in memory, trusting nothing in it.
+
+Accepted (API.md): a zip of a HF PEFT prefix-tuning adapter folder, or a safetensors file
+holding `prompt_embeddings` [P, L*2*Hkv*hd] or `prefix_kv` [L, 2, Hkv, P, hd].
+
+Refused with a message naming the problem: pickle files (`adapter_model.bin`, torch.save
+archives), zip entries with `..`, absolute paths or symlinks, too many zip entries, a
+declared uncompressed size over the limit, a safetensors header that is too large, not
+JSON, or whose offsets do not fit the file, and any tensor the loaded model cannot use
+(`validate_kv`: shape, dtype, non-finite values) or that was made for another base model.
+Nothing is extracted to disk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import stat
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.prefix import ModelSpec, PrefixError, check_peft_config, from_prompt_embeddings, validate_kv
+
+MAX_HEADER_BYTES = 1 << 20  # a prefix file holds a few tensors; its header is a few hundred bytes
+MAX_ZIP_ENTRIES = 64
+MAX_CONFIG_BYTES = 1 << 20
+_SAFETENSORS_DTYPES = {  # safetensors dtype name -> bytes per element
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class UploadError(ValueError):
+    """An upload we refuse. `status` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_upload"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ParsedPrefix:
+    kv: torch.Tensor  # [num_layers, 2, num_kv_heads, prefix_len, head_dim], as uploaded (dtype kept)
+    source: str  # "peft-zip", "prompt_embeddings" or "prefix_kv"
+
+
+def parse_prefix_upload(data: bytes, spec: ModelSpec, *, filename: str | None = None,
+                        num_virtual_tokens: int | None = None, max_prefix_bytes: int) -> ParsedPrefix:
+    """Turn the bytes of an uploaded file into a checked kv tensor, or raise UploadError."""
+    name = (filename or "").lower()
+    if name.endswith(_PICKLE_SUFFIXES) or _looks_like_pickle(data):
+        raise UploadError(f"{filename or 'the file'} is a pickle (PyTorch .bin/.pt) file; pickles can run "
+                          "code and are refused: save the adapter with safetensors "
+                          "(save_pretrained(..., safe_serialization=True))", 415, "unsupported_format")
+    if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
+        kv, source = _parse_adapter_zip(data, spec, max_prefix_bytes), "peft-zip"
+    else:
+        tensors, metadata = read_safetensors(data, max_prefix_bytes, what=filename or "the file")
+        _check_fingerprint(metadata, spec)
+        if "prefix_kv" in tensors:
+            kv, source = tensors["prefix_kv"], "prefix_kv"
+        elif "prompt_embeddings" in tensors:
+            kv = _convert(tensors["prompt_embeddings"], spec, num_virtual_tokens)
+            source = "prompt_embeddings"
+        else:
+            raise UploadError(f"the safetensors file has neither 'prefix_kv' nor 'prompt_embeddings' "
+                              f"(it has {sorted(tensors)})", 422, "invalid_prefix")
+    try:
+        validate_kv(kv, spec, what=source)
+    except PrefixError as e:
+        raise UploadError(str(e), 422, "invalid_prefix") from e
+    if kv.numel() * kv.element_size() > max_prefix_bytes:
+        raise UploadError(f"the prefix has {kv.numel() * kv.element_size()} bytes; the limit is "
+                          f"{max_prefix_bytes}", 413, "payload_too_large")
+    return ParsedPrefix(kv=kv.contiguous(), source=source)
+
+
+def _convert(w: torch.Tensor, spec: ModelSpec, num_virtual_tokens: int | None) -> torch.Tensor:
+    try:
+        return from_prompt_embeddings(w, spec, num_virtual_tokens)
+    except PrefixError as e:
+        raise UploadError(str(e), 422, "invalid_prefix") from e
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    # Pickle protocol 2+ opens with PROTO (0x80); torch.save's zip holds a data.pkl. A
+    # safetensors header length may also start with 0x80, but its JSON header follows at 8.
+    if data[:1] == b"\x80" and data[8:9] != b"{":
+        return True
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                return any(i.filename.endswith("data.pkl") for i in zf.infolist()[:MAX_ZIP_ENTRIES])
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
+# --- safetensors, header checked by hand before the library sees it
+
+def read_safetensors(data: bytes, max_prefix_bytes: int, what: str = "the file"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and `__metadata__` of a safetensors blob whose header has been checked."""
+    if len(data) < 8:
+        raise UploadError(f"{what} is {len(data)} bytes: too short to be safetensors (a zip of a PEFT "
+                          "adapter folder or a .safetensors file is expected)", 400, "malformed_safetensors")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
+        raise UploadError(f"{what} declares a safetensors header of {header_len} bytes; the file has "
+                          f"{len(data) - 8} after the length and headers are limited to {MAX_HEADER_BYTES}: "
+                          "not a valid safetensors file", 400, "malformed_safetensors")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UploadError(f"{what} has a safetensors header that is not JSON ({e})", 400,
+                          "malformed_safetensors") from e
+    if not isinstance(header, dict):
+        raise UploadError(f"{what} has a safetensors header that is not a JSON object", 400, "malformed_safetensors")
+    body = len(data) - 8 - header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise UploadError(f"{what}: __metadata__ must be an object of strings", 400, "malformed_safetensors")
+    total = 0
+    for name, entry in header.items():
+        total += _check_entry(name, entry, body, what)
+    if total > max_prefix_bytes:
+        raise UploadError(f"{what} holds {total} bytes of tensors; the limit is {max_prefix_bytes}",
+                          413, "payload_too_large")
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as e:  # the library's own checks, after ours
+        raise UploadError(f"{what} is not a valid safetensors file: {e}", 400, "malformed_safetensors") from e
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_entry(name: str, entry: object, body: int, what: str) -> int:
+    bad = f"{what}: tensor {name!r} has a malformed header entry"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise UploadError(f"{bad} (needs dtype, shape, data_offsets)", 400, "malformed_safetensors")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise UploadError(f"{bad}: unknown dtype {dtype!r}", 400, "malformed_safetensors")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)):
+        raise UploadError(f"{bad}: shape {shape!r}", 400, "malformed_safetensors")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1] <= body):
+        raise UploadError(f"{bad}: data_offsets {offsets!r} do not fit the {body} data bytes",
+                          400, "malformed_safetensors")
+    numel = 1
+    for d in shape:
+        numel *= d
+    size = numel * _SAFETENSORS_DTYPES[dtype]
+    if offsets[1] - offsets[0] != size:
+        raise UploadError(f"{bad}: shape {shape} of {dtype} needs {size} bytes, the offsets give "
+                          f"{offsets[1] - offsets[0]}", 400, "malformed_safetensors")
+    return size
+
+
+def _check_fingerprint(metadata: dict[str, str], spec: ModelSpec) -> None:
+    fp = metadata.get("model_fingerprint")
+    if fp and fp != spec.fingerprint:
+        raise UploadError(f"the prefix was made for base model fingerprint {fp}; this server runs "
+                          f"{spec.fingerprint}: train it again on this model", 422, "model_mismatch")
+
+
+# --- zip of a PEFT adapter folder
+
+def _parse_adapter_zip(data: bytes, spec: ModelSpec, max_prefix_bytes: int) -> torch.Tensor:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise UploadError(f"the upload is not a valid zip file ({e})", 400, "malformed_zip") from e
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_ENTRIES:
+            raise UploadError(f"the zip has {len(infos)} entries; at most {MAX_ZIP_ENTRIES} are accepted "
+                              "(an adapter folder has 2)", 400, "malformed_zip")
+        for info in infos:
+            _check_zip_entry(info, max_prefix_bytes)
+        files = {i.filename: i for i in infos if not i.is_dir()}
+        configs = [n for n in files if posixpath.basename(n) == "adapter_config.json"]
+        if len(configs) != 1:
+            raise UploadError(f"the zip must hold exactly one adapter_config.json, it holds {len(configs)} "
+                              f"(entries: {sorted(files)[:10]})", 400, "invalid_adapter")
+        folder = posixpath.dirname(configs[0])
+        weights = posixpath.join(folder, "adapter_model.safetensors")
+        if weights not in files:
+            if posixpath.join(folder, "adapter_model.bin") in files:
+                raise UploadError("the adapter holds adapter_model.bin, a pickle, which is refused: save it "
+                                  "with safetensors (save_pretrained(..., safe_serialization=True))",
+                                  415, "unsupported_format")
+            raise UploadError(f"the zip has no adapter_model.safetensors next to {configs[0]}", 400,
+                              "invalid_adapter")
+        config = _read_config(zf, files[configs[0]])
+        blob = _read_member(zf, files[weights], max_prefix_bytes + MAX_HEADER_BYTES + 8)
+    _check_peft_config(config, spec)
+    tensors, metadata = read_safetensors(blob, max_prefix_bytes, what="adapter_model.safetensors")
+    _check_fingerprint(metadata, spec)
+    if "prompt_embeddings" not in tensors:
+        raise UploadError(f"adapter_model.safetensors has no 'prompt_embeddings' tensor (it has "
+                          f"{sorted(tensors)}): is this a PREFIX_TUNING adapter?", 422, "invalid_adapter")
+    return _convert(tensors["prompt_embeddings"], spec, config.get("num_virtual_tokens"))
+
+
+def _check_zip_entry(info: zipfile.ZipInfo, max_prefix_bytes: int) -> None:
+    name = info.filename
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise UploadError(f"the zip entry {name!r} has an absolute or '..' path; refused", 400, "unsafe_zip")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise UploadError(f"the zip entry {name!r} is a symbolic link; refused", 400, "unsafe_zip")
+    if info.file_size > max_prefix_bytes + MAX_HEADER_BYTES + 8:
+        raise UploadError(f"the zip entry {name!r} declares {info.file_size} bytes uncompressed; the limit "
+                          f"is {max_prefix_bytes} (max_prefix_bytes)", 413, "payload_too_large")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    # Read one byte past the limit so a lying size field cannot inflate past it.
+    try:
+        with zf.open(info) as f:
+            blob = f.read(limit + 1)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as e:
+        raise UploadError(f"the zip entry {info.filename!r} cannot be read ({e})", 400, "malformed_zip") from e
+    if len(blob) > limit:
+        raise UploadError(f"the zip entry {info.filename!r} inflates past {limit} bytes; refused",
+                          413, "payload_too_large")
+    return blob
+
+
+def _read_config(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict:
+    raw = _read_member(zf, info, MAX_CONFIG_BYTES)
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UploadError(f"adapter_config.json is not valid JSON ({e})", 400, "invalid_adapter") from e
+    if not isinstance(config, dict):
+        raise UploadError("adapter_config.json must be a JSON object", 400, "invalid_adapter")
+    return config
+
+
+def _check_peft_config(config: dict, spec: ModelSpec) -> None:
+    try:
+        check_peft_config(config, spec)
+    except PrefixError as e:
+        raise UploadError(str(e), 422, "invalid_adapter") from e
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UploadError(f"adapter task_type is {config['task_type']!r}; expected 'CAUSAL_LM'", 422,
+                          "invalid_adapter")
+    token_dim = config.get("token_dim")
+    if token_dim is not None and token_dim != spec.peft_token_dim():
+        raise UploadError(f"adapter token_dim is {token_dim}; this model needs num_kv_heads({spec.num_kv_heads})"
+                          f" * head_dim({spec.head_dim}) = {spec.peft_token_dim()}: it was made for "
+                          "another base model", 422, "model_mismatch")
+    nvt = config.get("num_virtual_tokens")
+    if nvt is not None and (not isinstance(nvt, int) or nvt < 1):
+        raise UploadError(f"adapter num_virtual_tokens is {nvt!r}; expected a positive integer", 422,
+                          "invalid_adapter")

@@ -1,0 +1,125 @@
+"""Every server setting, read in one place: `PREFIX_SERVE_*` environment variables and the
+flags of `prefix-serve serve` (one flag per field, `--kv-cache-bytes` for
+`kv_cache_bytes`; a flag overrides the environment).
+
+Each component receives only its part: `engine_config()` for the engine, the rest is read
+by the api and the serve command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine.model_loader import default_cache_dir
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: treat as reachable from outside
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFIX_SERVE_", extra="ignore")
+
+    # --- network and auth
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 = any free port)")
+    admin_key: SecretStr | None = Field(
+        None, description="the admin API key; on loopback one is generated when unset")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db of the prefix store; unset = start and own a "
+                          "local redis-server with its data under the cache dir")
+    cache_dir: Path = Field(default_factory=default_cache_dir,
+                            description="converted models, the owned redis data, the generated admin key")
+
+    # --- model and engine
+    model: str | None = Field(None, description="a local HF causal-LM folder; unset = embedded SmolLM2")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="compute dtype")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    kv_cache_bytes: int = Field(512 * MiB, gt=0, description="memory of the paged KV pool")
+    block_size: int = Field(16, gt=0, description="tokens per KV block")
+    max_num_seqs: int = Field(128, gt=0, description="requests running at once")
+    max_num_batched_tokens: int = Field(1024, gt=0, description="tokens in one forward pass")
+    max_model_len: int | None = Field(None, gt=0, description="context length; unset = the model's")
+
+    # --- admission and limits
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones get 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429")
+    request_timeout_s: float = Field(600.0, gt=0, description="a generation running longer is aborted (504)")
+    max_body_bytes: int = Field(4 * MiB, gt=0, description="largest JSON request body")
+    max_upload_bytes: int = Field(256 * MiB, gt=0, description="largest prefix upload body")
+    max_prefix_bytes: int = Field(128 * MiB, gt=0, description="largest prefix tensor (and zip member)")
+    host_cache_bytes: int = Field(2 * GiB, ge=0, description="host-memory LRU of loaded prefixes")
+
+    # --- tenancy
+    admin_tenant: str = Field("admin", description="the tenant that the admin key acts as")
+    shared_prefixes: bool = Field(
+        True, description="tenants may use the admin tenant's prefixes read-only as 'shared/<id>'")
+
+    # --- lifecycle
+    drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for running requests")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        # An open port without an admin key would let anyone create tenants.
+        if self.admin_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is not a loopback address, so an admin key is required: "
+                "set PREFIX_SERVE_ADMIN_KEY or pass --admin-key")
+        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 16:
+            raise ValueError("the admin key must be at least 16 characters long")
+        if self.max_upload_bytes < self.max_prefix_bytes // 2:
+            raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) is too small for "
+                             f"max_prefix_bytes ({self.max_prefix_bytes})")
+        return self
+
+    def engine_config(self):
+        from server.engine.config import EngineConfig
+
+        return EngineConfig(block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
+                            max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            max_model_len=self.max_model_len)
+
+
+# --- CLI: one flag per field, generated so the two can never drift apart
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (env PREFIX_SERVE_{name.upper()})"
+        if _base_type(field.annotation) is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            # Strings go to pydantic, which converts and checks them like env values.
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    given: dict[str, Any] = {k: getattr(args, k) for k in Settings.model_fields
+                             if getattr(args, k, None) is not None}
+    return Settings(**given)
+
+
+def _base_type(annotation: Any) -> Any:
+    args = getattr(annotation, "__args__", None)
+    if args:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0] if len(non_none) == 1 else annotation
+    return annotation

@@ -1,0 +1,88 @@
+"""Runs one packed forward pass: all scheduled tokens of all requests, whatever their prefix.
+
+The KV pool lives here, one tensor for all layers:
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   # 0 = key
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import AttentionMetadata
+from server.engine.models import build_forward
+from server.engine.request import Request
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor  # [T] the step's new tokens, requests packed back to back
+    positions: torch.Tensor  # [T] P_b + own position (prefix of length P_b comes first)
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] last row of each request that samples this step
+    sample_rows: list[int]  # [N] index into the scheduled list of each sampled request
+
+
+class ModelRunner:
+    def __init__(self, hf_model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+        self.forward = build_forward(hf_model)
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        f = self.forward
+        self.kv_cache = torch.zeros(f.num_layers, 2, num_blocks, block_size, f.num_kv_heads, f.head_dim,
+                                    dtype=self.dtype, device=self.device)
+
+    @staticmethod
+    def block_bytes(hf_model: torch.nn.Module, block_size: int) -> int:
+        f = build_forward(hf_model)
+        itemsize = next(hf_model.parameters()).element_size()
+        return f.num_layers * 2 * block_size * f.num_kv_heads * f.head_dim * itemsize
+
+    def write_prefix(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Copy a prefix kv [L, 2, Hkv, P, hd] into its blocks (slots 0..P-1 in order)."""
+        p = kv.shape[3]
+        slots = torch.tensor([blocks[s // self.block_size] * self.block_size + s % self.block_size
+                              for s in range(p)], dtype=torch.long, device=self.device)
+        flat = self.kv_cache.view(*self.kv_cache.shape[:2], -1, *self.kv_cache.shape[4:])
+        flat.index_copy_(2, slots, kv.permute(0, 1, 3, 2, 4).to(self.device, self.dtype))
+
+    def prepare(self, scheduled: list[Request], num_new_tokens: list[int]) -> ModelInput:
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_indices: list[int] = []
+        sample_rows: list[int] = []
+        seq_lens: list[int] = []
+        for row, (req, q) in enumerate(zip(scheduled, num_new_tokens)):
+            start = req.num_computed_tokens
+            ids += req.all_token_ids[start:start + q]
+            positions += range(req.prefix_len + start, req.prefix_len + start + q)
+            seq_lens.append(start + q)
+            if start + q == req.num_tokens:  # this step reaches the end: sample the next token
+                logits_indices.append(len(ids) - 1)
+                sample_rows.append(row)
+        attn = AttentionMetadata.build(
+            q_lens=num_new_tokens,
+            prefix_lens=[r.prefix_len for r in scheduled],
+            prefix_blocks=[r.prefix_blocks for r in scheduled],
+            seq_lens=seq_lens,
+            own_blocks=[r.own_blocks for r in scheduled],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        return ModelInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            attn=attn,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+            sample_rows=sample_rows,
+        )
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        """Logits [N, V] in float32 for the sampled rows."""
+        # With no sampled rows (prefill chunks only) the layers still run for their cache writes.
+        return self.forward(inp.input_ids, inp.positions, self.kv_cache, inp.attn, inp.logits_indices).float()

@@ -1,0 +1,129 @@
+"""The frozen HF model run with a prefix as its past key/values: the training forward and
+the reference for serving (PEFT_PREFIX_FORMAT.md, "Equivalent HF call").
+
+Semantics, for kv [L, 2, Hkv, P, hd] and a batch of B rows of T tokens (right-padded):
+
+    cache    = DynamicCache(layer l: keys kv[l, 0], values kv[l, 1], broadcast over B)
+    mask     = cat(ones(B, P), attention_mask)          # every query sees all P slots
+    position = P + t for the t-th real token             # keys of the prefix never rotated
+    logits   = model(input_ids, mask, position_ids, past_key_values=cache).logits
+
+A fresh cache is built for each call because HF's forward appends to it. DynamicCache
+(transformers 5.x) concatenates with torch.cat and never detaches, so gradients reach kv.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from server.engine.model_loader import model_fingerprint
+from server.engine.prefix import ModelSpec
+
+
+def model_spec(model: torch.nn.Module) -> ModelSpec:
+    """The prefix shape a HF causal LM needs (Llama family and GPT-2)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return ModelSpec(
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        fingerprint=model_fingerprint(model),
+        max_model_len=cfg.max_position_embeddings,
+    )
+
+
+def prefix_cache(kv: torch.Tensor, batch_size: int) -> DynamicCache:
+    """A DynamicCache that holds kv [L, 2, Hkv, P, hd] for each of `batch_size` rows."""
+    layers = []
+    for layer in kv.unbind(0):
+        # [Hkv, P, hd] -> [B, Hkv, P, hd]; expand is a view, the cache's cat copies it.
+        key = layer[0].unsqueeze(0).expand(batch_size, -1, -1, -1)
+        value = layer[1].unsqueeze(0).expand(batch_size, -1, -1, -1)
+        layers.append((key, value))
+    return DynamicCache(layers)
+
+
+def forward_with_prefix(
+    model: torch.nn.Module,
+    kv: torch.Tensor | None,  # [L, 2, Hkv, P, hd] or None for the bare model
+    input_ids: torch.Tensor,  # [B, T], right-padded
+    attention_mask: torch.Tensor | None = None,  # [B, T], 1 = real token
+) -> torch.Tensor:
+    """Logits [B, T, V] of the frozen model with `kv` as its prefix; differentiable in kv."""
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if kv is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    dtype = next(model.parameters()).dtype
+    kv = kv.to(device=input_ids.device, dtype=dtype)
+    prefix_len = kv.shape[3]
+    mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
+    # Right padding: the t-th token of every row is a real token or trailing pad, so P + t
+    # is right for all real tokens (pads are masked out of the loss).
+    positions = torch.arange(prefix_len, prefix_len + length, device=input_ids.device).expand(batch, -1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=prefix_cache(kv, batch),
+        use_cache=True,
+    )
+    return out.logits
+
+
+@torch.no_grad()
+def prefix_past(model: torch.nn.Module, kv: torch.Tensor | None, token_ids: list[int]) -> torch.Tensor:
+    """The model's own past key/values for `token_ids` read after prefix `kv`.
+
+    Returns [L, 2, Hkv, n, hd] float32: the keys are those HF caches (rotated at their
+    positions), which is what a prefix stores, so cat(kv, result) as a prefix behaves
+    exactly like kv followed by these tokens.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([token_ids], device=device)
+    prefix_len = 0 if kv is None else kv.shape[3]
+    cache = DynamicCache() if kv is None else prefix_cache(kv.to(device, next(model.parameters()).dtype), 1)
+    mask = torch.ones(1, prefix_len + len(token_ids), dtype=torch.long, device=device)
+    positions = torch.arange(prefix_len, prefix_len + len(token_ids), device=device).unsqueeze(0)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    layers = []
+    for layer in cache.layers:
+        # [1, Hkv, P+n, hd] -> the last n slots: this text's own keys and values
+        layers.append(torch.stack([layer.keys[0, :, prefix_len:], layer.values[0, :, prefix_len:]]))
+    return torch.stack(layers).float()
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    kv: torch.Tensor | None,  # [L, 2, Hkv, P, hd] or None
+    prompt_ids: list[int],
+    max_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy tokens after `prompt_ids` with prefix `kv` (HF forward; a test oracle)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    prefix_len = 0 if kv is None else kv.shape[3]
+    cache = DynamicCache() if kv is None else prefix_cache(kv.to(device, dtype), 1)
+    ids = torch.tensor([prompt_ids], device=device)
+    start = prefix_len
+    out: list[int] = []
+    for _ in range(max_tokens):
+        n = ids.shape[1]
+        mask = torch.ones(1, start + n, dtype=torch.long, device=device)
+        positions = torch.arange(start, start + n, device=device).unsqueeze(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token == eos_token_id:
+            break
+        start += n
+        ids = torch.tensor([[token]], device=device)
+    return out
