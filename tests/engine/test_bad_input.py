@@ -1,0 +1,87 @@
+"""Bad input: a clear error naming the numbers, and the engine state unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.prefix import Prefix, PrefixError, from_prompt_embeddings
+from server.engine.sampling_params import SamplingParams
+from tests.factories import make_engine, tiny_llama
+
+# tiny_llama: 2 layers, 2 kv heads, head_dim 16, context 256
+
+
+def _state(engine):
+    return (engine.pool.num_free, len(engine.requests), len(engine.scheduler.waiting),
+            len(engine.scheduler.running), len(engine.prefix_cache))
+
+
+@pytest.mark.parametrize("shape_or_tensor, message", [
+    ((3, 2, 2, 4, 16), "prefix has 3 layers, model has 2"),
+    ((2, 2, 3, 4, 16), "prefix has 3 kv heads, model has 2"),
+    ((2, 2, 2, 4, 8), "prefix has head_dim 8, model has 16"),
+    ((2, 3, 2, 4, 16), "dim 1 is 3; expected 2"),
+    ((2, 2, 4, 16), "has 4 dims"),
+    (torch.zeros(2, 2, 2, 4, 16, dtype=torch.int64), "dtype int64"),
+    (torch.full((2, 2, 2, 4, 16), float("nan")), "512 non-finite values"),
+    (torch.full((2, 2, 2, 4, 16), float("inf")), "non-finite"),
+], ids=["layers", "kv-heads", "head-dim", "kv-pair", "rank", "dtype", "nan", "inf"])
+def test_bad_prefix_is_refused_everywhere(shape_or_tensor, message):
+    engine = make_engine(tiny_llama())
+    kv = shape_or_tensor if isinstance(shape_or_tensor, torch.Tensor) else torch.zeros(shape_or_tensor)
+    before = _state(engine)
+    with pytest.raises(PrefixError, match=message):
+        engine.make_prefix(kv)
+    # A Prefix built by hand (bypassing make_prefix) is still refused at add time.
+    with pytest.raises(PrefixError, match=message):
+        engine.add_request("r", [3, 4], SamplingParams(), Prefix(kv=kv))
+    assert _state(engine) == before and "r" not in engine.requests
+
+
+def test_prompt_embeddings_with_wrong_width_names_the_numbers():
+    engine = make_engine(tiny_llama())
+    with pytest.raises(PrefixError, match=r"num_layers\(2\) \* 2 \* num_kv_heads\(2\) \* head_dim\(16\) = 128"):
+        from_prompt_embeddings(torch.zeros(4, 100), engine.spec)
+
+
+def test_prompt_longer_than_the_context():
+    engine = make_engine(tiny_llama(), num_blocks=512)
+    before = _state(engine)
+    with pytest.raises(ValueError, match="prompt of 300 tokens after a prefix of 0 does not fit the context of 256"):
+        engine.add_request("r", [3] * 300, SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match=r"prefix 0 \+ prompt 200 \+ max_tokens 100 = 300 exceeds the context of 256"):
+        engine.add_request("r", [3] * 200, SamplingParams(max_tokens=100))
+    assert _state(engine) == before
+
+
+def test_request_larger_than_the_whole_pool():
+    engine = make_engine(tiny_llama(), num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="needs 5 KV blocks of 4 tokens; the pool has 4"):
+        engine.add_request("r", [3] * 10, SamplingParams(max_tokens=10))
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens must be at least 1, got 0"),
+    ({"max_tokens": -5}, "max_tokens must be at least 1, got -5"),
+    ({"temperature": -1.0}, "temperature must be in"),
+    ({"top_p": 0.0}, "top_p must be in"),
+    ({"top_k": -1}, "top_k must be 0"),
+    ({"stop": ["", "x"]}, "stop strings must not be empty"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt_duplicate_id_and_out_of_vocab_token():
+    engine = make_engine(tiny_llama())
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.add_request("a", [], SamplingParams())
+    with pytest.raises(ValueError, match=r"token id 999 outside the vocabulary \[0, 320\)"):
+        engine.add_request("a", [3, 999], SamplingParams())
+    engine.add_request("a", [3], SamplingParams())
+    with pytest.raises(ValueError, match="'a' is already in use"):
+        engine.add_request("a", [3], SamplingParams())
+    assert len(engine.requests) == 1
