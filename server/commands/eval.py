@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N distinct inputs")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. a newline")
+    parser.add_argument("--kv-cache-mb", type=int, default=512, help="the engine's KV pool size")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--outputs", default=None, help="write each input, generation and references to this jsonl")
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
     from server.engine.model_loader import load_model
     from server.training.data import group_references, read_examples
     from server.training.evaluate import evaluate_bleu
@@ -40,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         groups = groups[: args.limit]
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_bytes=args.kv_cache_mb * 2**20))
     try:
         report = evaluate_bleu(loaded.model, loaded.tokenizer, groups, prefix_dirs=args.prefix,
-                               max_tokens=args.max_tokens, stop=tuple(args.stop))
+                               max_tokens=args.max_tokens, stop=tuple(args.stop), engine=engine)
     except ValueError as e:
         print(f"prefix-serve eval: {e}", file=sys.stderr)
         return 2

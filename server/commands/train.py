@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -86,15 +87,14 @@ def run(args: argparse.Namespace) -> int:
         result = train_prefix(loaded.model, data, config, tokenizer=loaded.tokenizer, task_kv=task_kv,
                               progress=progress)
     except KeyboardInterrupt:
-        bar.close()
-        print("prefix-serve train: interrupted; nothing written", file=sys.stderr)
+        print("\nprefix-serve train: interrupted; nothing written", file=sys.stderr)
         return 130
     finally:
         bar.close()
     out = export_peft_adapter(result.kv, args.out, spec, mid_dim=config.mid_dim, base_model_name_or_path=loaded.path)
     summary = {
         "data": str(args.data), "examples": len(data), "model": loaded.path,
-        "task_prefix": list(args.task_prefix), "config": _asdict(config),
+        "task_prefix": list(args.task_prefix), "config": asdict(config),
         "steps_done": result.steps_done, "seconds": round(result.seconds, 2),
         "first_loss": result.losses[0], "final_loss": result.losses[-1],
         "prefix_bytes": result.kv.numel() * 4, "losses": result.losses,
@@ -103,9 +103,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} in {result.seconds:.1f}s; "
           f"wrote {out}", file=sys.stderr)
     return 0
-
-
-def _asdict(config) -> dict:
-    from dataclasses import asdict
-
-    return asdict(config)

@@ -44,7 +44,7 @@ def generate_texts(engine: LLMEngine, prompts: list[str], kv: torch.Tensor | Non
 
 
 def evaluate_bleu(model: torch.nn.Module, tokenizer, groups: list[tuple[str, list[str]]],
-                  prefix_dirs: list[str] = (), kv: torch.Tensor | None = None, max_tokens: int = 64,
+                  prefix_dirs: list[str] | tuple[str, ...] = (), kv: torch.Tensor | None = None, max_tokens: int = 64,
                   stop: tuple[str, ...] = (), prompt_prefix: str = "",
                   engine: LLMEngine | None = None) -> EvalReport:
     """BLEU of greedy generations for (prompt, references) groups.

@@ -80,6 +80,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     kv: torch.Tensor  # [L, 2, Hkv, P, hd] float32 on the CPU: the user's prefix only
+    init_kv: torch.Tensor  # [L, 2, Hkv, P, hd] float32: the MLP output at step 0 (real-word init)
     losses: list[float] = field(default_factory=list)  # one per step done
     steps_done: int = 0
     cancelled: bool = False  # the callback asked to stop; kv is then the last step's
@@ -156,7 +157,9 @@ def train_prefix(
     if task_kv is not None:
         task_kv = task_kv.detach().to(device=device, dtype=torch.float32)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The MLP is built on the CPU (then moved), so seeding the CPU generator alone makes the
+    # init the same on every device; fork_rng leaves the caller's generator untouched.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         # Real-word init: read after the task prefix, so task ++ init == task then the words.
         init_kv = prefix_past(model, task_kv, init_token_ids(config, examples, tokenizer))
@@ -165,7 +168,9 @@ def train_prefix(
 
     optimizer = torch.optim.AdamW(mlp.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(config))
-    result = TrainResult(kv=init_kv.cpu())
+    with torch.no_grad():
+        start_kv = mlp().float().cpu().contiguous()  # equals init_kv up to float rounding
+    result = TrainResult(kv=start_kv, init_kv=start_kv)
     started = time.monotonic()
     batches = _batches(len(examples), min(config.batch_size, len(examples)), order)
     for step in range(1, config.steps + 1):

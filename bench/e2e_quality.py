@@ -1,0 +1,131 @@
+"""E2E table-to-text quality: a task prefix for SmolLM2 trained on CPU, against prompting.
+
+    .venv/bin/python bench/e2e_quality.py                 # ~30 min CPU training budget
+    .venv/bin/python bench/e2e_quality.py --quick         # smoke run: a few steps, 5 inputs
+
+Data: ../shared/data/e2e/devset.csv (E2E dev set, mr -> several human refs). Its meaning
+representations are shuffled with a fixed seed; --val-mrs of them are held out for
+validation, the trainer sees only the others (no mr in both).
+Systems, all greedy, scored by multi-reference BLEU (sacrebleu) on the held-out mrs:
+  zero_shot   the base model on the table prompt alone (stops at a newline)
+  three_shot  3 training examples (prompt + reference) before the table prompt
+  prefix      the trained task prefix, served by prefix-serve's engine
+Training stops at --steps or when the --minutes budget is spent (via the progress
+callback), whichever is first. Writes bench/results/e2e_quality.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.model_loader import load_model
+from server.training.data import Example, group_references, read_examples, tokenize
+from server.training.evaluate import evaluate_bleu
+from server.training.peft_export import export_peft_adapter
+from server.training.prefix_forward import model_spec
+from server.training.trainer import TrainConfig, train_prefix
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
+
+
+def split_by_mr(examples: list[Example], val_mrs: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out whole meaning representations (their prompt), never single references."""
+    prompts = list(dict.fromkeys(e.prompt for e in examples))
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:val_mrs])
+    return [e for e in examples if e.prompt not in held], [e for e in examples if e.prompt in held]
+
+
+def few_shot_text(train: list[Example], shots: int, seed: int) -> str:
+    rng = random.Random(seed + 1)
+    return "".join(f"{e.prompt}{e.completion}\n\n" for e in rng.sample(train, shots))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(E2E))
+    ap.add_argument("--val-mrs", type=int, default=100)
+    ap.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--num-virtual-tokens", type=int, default=10)
+    ap.add_argument("--init-text", default="table-to-text:")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=None, help="default: bench/results/e2e_quality.json (quick: a temp file)")
+    ap.add_argument("--prefix-out", default=None, help="also keep the trained prefix as a PEFT folder")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 5 validation mrs")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.val_mrs, args.max_tokens = 3, 5, 24
+    if args.out is None:  # a smoke run never overwrites the recorded result
+        args.out = "/tmp/e2e_quality_quick.json" if args.quick else str(ROOT / "bench" / "results" / "e2e_quality.json")
+
+    torch.manual_seed(args.seed)
+    loaded = load_model(None, dtype=args.dtype, device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    train, val = split_by_mr(read_examples(args.data), args.val_mrs, args.seed)
+    groups = group_references(val)
+    engine = LLMEngine(model, tok, EngineConfig())
+    results: dict[str, dict] = {}
+
+    def score(name: str, **kw) -> None:
+        report = evaluate_bleu(model, tok, groups, max_tokens=args.max_tokens, engine=engine, **kw)
+        results[name] = {"bleu": round(report.bleu.score, 2), "detail": report.bleu.detail,
+                         "generation_seconds": round(report.seconds, 1), "sample": report.generations[:3]}
+        print(f"{name:>10}: BLEU {report.bleu.score:6.2f}  ({report.seconds:.0f}s)", flush=True)
+
+    score("zero_shot", stop=("\n",))
+    score("three_shot", stop=("\n",), prompt_prefix=few_shot_text(train, 3, args.seed))
+
+    config = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, steps=args.steps, learning_rate=args.lr,
+                         batch_size=args.batch_size, init_text=args.init_text, seed=args.seed,
+                         warmup_steps=min(50, args.steps // 10))
+    data = tokenize(tok, train, config.max_length)
+    deadline = time.monotonic() + args.minutes * 60
+
+    def progress(step: int, total: int, loss: float) -> bool:
+        if step % 25 == 0 or step == total:
+            print(f"  step {step}/{total} loss {loss:.4f}", flush=True)
+        return time.monotonic() < deadline
+
+    result = train_prefix(model, data, config, tokenizer=tok, progress=progress)
+    if args.prefix_out:
+        export_peft_adapter(result.kv, args.prefix_out, model_spec(model), mid_dim=config.mid_dim)
+    score("prefix", kv=result.kv, stop=("\n",))
+    results["prefix"].update({
+        "train_seconds": round(result.seconds, 1), "steps": result.steps_done,
+        "examples_seen": result.steps_done * config.batch_size, "train_examples": len(train),
+        "first_loss": round(result.losses[0], 4), "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
+        "prefix_bytes_float32": result.kv.numel() * 4, "prefix_shape": list(result.kv.shape),
+        "stopped_by_time_budget": result.cancelled,
+    })
+    summary = {
+        "model": loaded.name, "data": args.data, "val_mrs": len(groups), "train_mrs": len({e.prompt for e in train}),
+        "config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "quick": args.quick,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n| system | BLEU |\n| --- | --- |")
+    for name, r in results.items():
+        print(f"| {name} | {r['bleu']:.2f} |")
+    print(f"\ntraining {result.steps_done} steps in {result.seconds:.0f}s; prefix {result.kv.numel() * 4} bytes; "
+          f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
