@@ -8,7 +8,7 @@ Semantics (per request b, per new token j of its q_b tokens, per query head h):
     with kv head h // (H // Hkv) (grouped-query attention)
 
 The plan gathers each request's rows once per step (shared by every layer): decode
-requests (one new token) run as one batched SDPA call; prefill chunks run one call each.
+requests (one new token) run as one batched attention; prefill chunks run one each.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels.attention_metadata import AttentionMetadata
 
@@ -74,19 +73,29 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, hd]; caches: [num_blocks, block_size, Hkv, hd] -> out [T, H, hd].
 
-    The caches must already hold this step's keys and values (see write_kv).
+    The caches must already hold this step's keys and values (see write_kv). Matmuls run
+    in the compute dtype and the softmax in float32 (as HF's eager attention does); on
+    CPU this is several times faster than SDPA with a mask in bfloat16.
     """
     if meta.plan is None:
         meta.plan = build_plan(meta, q.device)
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, Hkv, hd]
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     for g in meta.plan:
-        qg = q.index_select(0, g.token_index).view(g.num_rows, g.q_len, num_heads, -1).transpose(1, 2)
-        kg = k_flat[g.gather].transpose(1, 2)  # [G, Hkv, max_kv, hd]
-        vg = v_flat[g.gather].transpose(1, 2)
-        og = F.scaled_dot_product_attention(qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=g.mask,
-                                            scale=scale, enable_gqa=num_heads != num_kv_heads)
-        out.index_copy_(0, g.token_index, og.transpose(1, 2).reshape(-1, num_heads, q.shape[2]))
+        r, n = g.num_rows, g.q_len
+        # [R, Hkv, G*q, hd]: query heads grouped under the kv head they read, (G, q) flattened
+        qg = (q.index_select(0, g.token_index).view(r, n, num_kv_heads, group, head_dim)
+              .permute(0, 2, 3, 1, 4).reshape(r, num_kv_heads, group * n, head_dim))
+        kg = k_flat[g.gather].to(q.dtype).permute(0, 2, 1, 3)  # [R, Hkv, L, hd]
+        vg = v_flat[g.gather].to(q.dtype).permute(0, 2, 1, 3)
+        scores = torch.matmul(qg, kg.transpose(-1, -2)).float() * scale  # [R, Hkv, G*q, L]
+        mask = g.mask if group == 1 else g.mask.repeat(1, 1, group, 1)  # [R, 1, G*q, L]
+        scores.masked_fill_(~mask, float("-inf"))
+        og = torch.matmul(scores.softmax(dim=-1).to(q.dtype), vg)  # [R, Hkv, G*q, hd]
+        og = og.view(r, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)  # [R, q, Hkv, G, hd]
+        out.index_copy_(0, g.token_index, og.reshape(r * n, num_heads, head_dim))
     return out
