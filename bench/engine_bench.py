@@ -86,38 +86,42 @@ def bench_hf_peft_serial(path, dtype, adapter: Path, reqs: list[list[int]], new_
     return {"requests": len(reqs), "seconds": dt, "tokens_per_s": len(reqs) * new_tokens / dt}
 
 
-def bench_hf_static_batch(path, dtype, tokenizer, reqs: list[list[int]], new_tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+def hf_static_batch(model, tokenizer, reqs: list[list[int]], new_tokens: int):
     width = max(len(r) for r in reqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in reqs])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in reqs])
 
-    def run(n):
+    def run(n: int = new_tokens) -> None:
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=pad)
 
     run(2)  # warm-up
-    t0 = time.perf_counter()
-    run(new_tokens)
-    dt = time.perf_counter() - t0
-    return {"requests": len(reqs), "seconds": dt, "tokens_per_s": len(reqs) * new_tokens / dt}
+    return run
 
 
-def bench_engine(engine, prefixes, reqs: list[list[int]], new_tokens: int) -> dict:
+def engine_run(engine, prefixes, reqs: list[list[int]], new_tokens: int):
     from server.engine.sampling_params import SamplingParams
 
     engine.generate(reqs[:4], SamplingParams(max_tokens=2, ignore_eos=True), prefixes[:4])  # warm-up
-    t0 = time.perf_counter()
-    done = engine.generate(reqs, SamplingParams(max_tokens=new_tokens, ignore_eos=True), prefixes)
-    dt = time.perf_counter() - t0
-    assert all(len(r.output_token_ids) == new_tokens for r in done)
-    stats = engine.stats()
-    return {"requests": len(reqs), "seconds": dt, "tokens_per_s": len(reqs) * new_tokens / dt,
-            "steps": stats.steps, "preemptions": stats.preemptions}
+
+    def run() -> None:
+        done = engine.generate(reqs, SamplingParams(max_tokens=new_tokens, ignore_eos=True), prefixes)
+        assert all(len(r.output_token_ids) == new_tokens for r in done)
+    return run
+
+
+def timed(run, repeats: int, tokens: int) -> dict:
+    """Median of `repeats` runs: the machine is shared, the median resists outliers."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    return {"seconds_median": med, "seconds_all": times, "tokens_per_s": tokens / med}
 
 
 def main() -> None:
@@ -128,11 +132,12 @@ def main() -> None:
     ap.add_argument("--serial-requests", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_bench.json"))
     args = ap.parse_args()
     if args.quick:
-        args.requests, args.new_tokens, args.serial_requests = 16, 16, 2
+        args.requests, args.new_tokens, args.serial_requests, args.repeats = 16, 16, 2, 1
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,22 +152,35 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     reqs = prompts(tokenizer, args.requests)
     results: dict = {}
+    tokens = args.requests * args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         adapters = peft_adapters(base, args.requests, args.prefix_len, Path(tmp))
         del base
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max(64, args.requests),
-                                                          max_num_batched_tokens=args.max_num_batched_tokens))
-        own = [engine.make_prefix(load_peft_adapter(a, engine.spec)) for a in adapters]
-        results["engine_shared"] = bench_engine(engine, [own[0]] * len(reqs), reqs, args.new_tokens)
-        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max(64, args.requests),
-                                                          max_num_batched_tokens=args.max_num_batched_tokens))
-        own = [engine.make_prefix(p.kv) for p in own]
-        results["engine_own"] = bench_engine(engine, own, reqs, args.new_tokens)
-        del engine, model
-        results["hf_static_batch"] = bench_hf_static_batch(path, dtype, tokenizer, reqs, args.new_tokens)
+        cfg = EngineConfig(max_num_seqs=max(64, args.requests), max_num_batched_tokens=args.max_num_batched_tokens)
+        shared_engine, own_engine = LLMEngine(model, tokenizer, cfg), LLMEngine(model, tokenizer, cfg)
+        own = [own_engine.make_prefix(load_peft_adapter(a, own_engine.spec)) for a in adapters]
+        runs = {
+            "engine_shared": engine_run(shared_engine, [own[0]] * len(reqs), reqs, args.new_tokens),
+            "engine_own": engine_run(own_engine, own, reqs, args.new_tokens),
+            "hf_static_batch": hf_static_batch(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(),
+                                               tokenizer, reqs, args.new_tokens),
+        }
+        samples: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.repeats):  # interleaved, so load changes hit every system alike
+            for name, run in runs.items():
+                samples[name].append(timed(run, 1, tokens)["seconds_median"])
+        for name, times in samples.items():
+            times.sort()
+            med = times[len(times) // 2]
+            results[name] = {"requests": args.requests, "seconds_median": med, "seconds_all": times,
+                             "tokens_per_s": tokens / med}
+        for name, eng in (("engine_shared", shared_engine), ("engine_own", own_engine)):
+            st = eng.stats()
+            results[name].update(steps=st.steps, preemptions=st.preemptions,
+                                 prefix_misses=st.prefix_misses, prefix_hits=st.prefix_hits)
         results["hf_peft_serial"] = bench_hf_peft_serial(path, dtype, adapters[0], reqs[:args.serial_requests],
                                                          args.new_tokens)
 
@@ -177,7 +195,8 @@ def main() -> None:
         "workload": {"model": "SmolLM2-135M-Instruct", "dtype": str(dtype).removeprefix("torch."),
                      "requests": args.requests, "prompt_tokens": [min(map(len, reqs)), max(map(len, reqs))],
                      "new_tokens": args.new_tokens, "prefix_len": args.prefix_len, "greedy": True,
-                     "eos_ignored": True, "serial_subset": args.serial_requests},
+                     "eos_ignored": True, "serial_subset": args.serial_requests, "repeats": args.repeats,
+                     "max_num_batched_tokens": args.max_num_batched_tokens},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "results": results,

@@ -1,0 +1,17 @@
+"""prefix_store: the only code that knows Redis. Versioned prefixes, tenants, API keys, events."""
+
+from prefix_store.errors import (
+    InvalidIdError,
+    StoreIntegrityError,
+    StoreUnavailableError,
+    TenantExistsError,
+)
+from prefix_store.record import PrefixEvent, PrefixRecord
+from prefix_store.redis_process import RedisServer
+from prefix_store.store import PrefixStore
+from prefix_store.subscription import Subscription
+
+__all__ = [
+    "InvalidIdError", "PrefixEvent", "PrefixRecord", "PrefixStore", "RedisServer",
+    "StoreIntegrityError", "StoreUnavailableError", "Subscription", "TenantExistsError",
+]

@@ -69,6 +69,19 @@ class Settings(BaseSettings):
     shared_prefixes: bool = Field(
         True, description="tenants may use the admin tenant's prefixes read-only as 'shared/<id>'")
 
+    # --- personalization jobs (routes_personalize, `prefix-serve worker`)
+    workers: int | None = Field(
+        None, ge=0, le=16, description="training worker processes that serve starts and restarts; unset = 1 when "
+                                       "serve owns its Redis, else 0 (run `prefix-serve worker` yourself)")
+    max_jobs_per_tenant: int = Field(2, ge=1, description="personalization jobs queued or running per tenant (429 above)")
+    max_train_examples: int = Field(1000, ge=1, description="examples in one personalization job")
+    max_train_example_tokens: int = Field(512, ge=2, description="tokens in one example (prompt + completion + EOS)")
+    max_train_steps: int = Field(2000, ge=1, description="optimizer steps of one personalization job")
+    max_train_virtual_tokens: int = Field(128, ge=1, description="length of a personalized prefix")
+    job_claim_timeout_s: float = Field(
+        60.0, gt=0, description="a job whose worker was silent this long is taken over by another worker")
+    job_max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times is marked failed")
+
     # --- lifecycle
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for running requests")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
@@ -82,9 +95,9 @@ class Settings(BaseSettings):
                 "set PREFIX_SERVE_ADMIN_KEY or pass --admin-key")
         if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 16:
             raise ValueError("the admin key must be at least 16 characters long")
-        if self.max_upload_bytes < self.max_prefix_bytes // 2:
-            raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) is too small for "
-                             f"max_prefix_bytes ({self.max_prefix_bytes})")
+        if self.max_upload_bytes < self.max_prefix_bytes:
+            raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) must be at least max_prefix_bytes "
+                             f"({self.max_prefix_bytes}), or the largest prefix could not be uploaded")
         return self
 
     def engine_config(self):

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
-from prefix_store import InvalidIdError, PrefixEvent, PrefixRecord, PrefixStore, StoreUnavailableError
+from prefix_store import PrefixEvent, PrefixRecord, PrefixStore, StoreUnavailableError
 from server.engine.prefix import Prefix, PrefixRef, compose
 
 SHARED_PREFIX = "shared/"  # "shared/<id>" names a prefix of the admin tenant, read-only
@@ -123,7 +124,8 @@ class PrefixResolver:
 
     def __init__(self, store: PrefixStore, make_prefix: Callable[[torch.Tensor, tuple[PrefixRef, ...]], Prefix],
                  cache: HostPrefixCache, model_fingerprint: str, *, admin_tenant: str = "admin",
-                 shared_prefixes: bool = True) -> None:
+                 shared_prefixes: bool = True,
+                 on_stale: Callable[[str, str, str | None], None] | None = None) -> None:
         self.store = store
         self.make_prefix = make_prefix  # engine.make_prefix: validates and casts to the engine dtype
         self.cache = cache
@@ -131,6 +133,8 @@ class PrefixResolver:
         self.admin_tenant = admin_tenant
         self.shared_prefixes = shared_prefixes
         self._loading: dict[PrefixRef, asyncio.Task] = {}
+        self.on_stale = on_stale  # drops device copies too (AsyncEngine.drop_stale_prefix)
+        self.on_load: Callable[[float], None] | None = None  # metrics: seconds of each load from the store
 
     def owner_of(self, tenant: str, name: str) -> tuple[str, str]:
         """(owning tenant, prefix id) for a name as a client writes it."""
@@ -156,10 +160,8 @@ class PrefixResolver:
 
     async def _resolve_one(self, tenant: str, name: str) -> Prefix:
         owner, prefix_id = self.owner_of(tenant, name)
-        try:
+        try:  # InvalidIdError (a malformed id) goes to the caller as it is
             record = await asyncio.to_thread(self.store.get_record, owner, prefix_id)
-        except InvalidIdError as e:
-            raise PrefixNotFound(f"prefix {name!r} not found ({e})") from e
         except StoreUnavailableError as e:
             resident = self.cache.latest_resident(owner, prefix_id)
             if resident is not None:
@@ -190,6 +192,7 @@ class PrefixResolver:
         return await asyncio.shield(task)
 
     async def _fetch(self, ref: PrefixRef, name: str) -> Prefix:
+        start = time.perf_counter()
         try:
             kv = await asyncio.to_thread(self.store.get_version, ref.tenant, ref.prefix_id, ref.version)
         except StoreUnavailableError as e:
@@ -199,6 +202,8 @@ class PrefixResolver:
             raise PrefixNotFound(f"prefix {name!r} not found (it was just replaced or deleted; retry)")
         prefix = await asyncio.to_thread(self.make_prefix, kv, (ref,))
         self.cache.put(prefix)
+        if self.on_load is not None:
+            self.on_load(time.perf_counter() - start)
         return prefix
 
     # --- store events (called on the subscription's thread)
@@ -206,6 +211,8 @@ class PrefixResolver:
     def on_event(self, event: PrefixEvent) -> None:
         keep = event.version if event.kind == "put" else None
         self.cache.drop_stale(event.tenant, event.prefix_id, keep)
+        if self.on_stale is not None:
+            self.on_stale(event.tenant, event.prefix_id, keep)
 
     def on_reconnect(self) -> None:
         # Events published while we were disconnected are lost. Every resolve re-checks the

@@ -92,7 +92,9 @@ def _bearer_key(authorization: str | None) -> str:
 # --- FastAPI dependencies
 
 async def require_caller(request: Request) -> Caller:
-    return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    caller = await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    request.state.tenant = caller.tenant  # the metrics label of this request
+    return caller
 
 
 async def require_admin(request: Request) -> Caller:

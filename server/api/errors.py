@@ -10,7 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request ran; the request was aborted."""
+
+
 def error_body(status: int, message: str, kind: str | None = None) -> dict:
     return {"error": {"type": kind or _TYPES.get(status, "error"), "message": message}}
 
@@ -44,19 +48,20 @@ def error_response(status: int, message: str, kind: str | None = None,
     return JSONResponse(error_body(status, message, kind), status_code=status, headers=headers)
 
 
-def not_found(what: str) -> ApiError:
-    return ApiError(404, f"{what} not found", "not_found_error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         return error_response(e.status, e.message, e.kind, e.headers)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, e: ClientGone) -> Response:
+        # Nobody reads this; 499 (nginx's "client closed request") shows up in access logs.
+        return Response(status_code=499)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 404 and e.detail == "Not Found":
-            message = f"no route {request.method} {request.url.path}; see API.md for the routes"
+            message = f"no route {request.method} {request.url.path}; the routes are listed at /docs"
         elif e.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
@@ -65,7 +70,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(422, describe_validation_errors(e.errors()))
+        # 400 as OpenAI answers a malformed request (its clients raise BadRequestError).
+        return error_response(400, describe_validation_errors(e.errors()))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
@@ -77,7 +83,8 @@ def describe_validation_errors(errors: list[dict]) -> str:
     """'body.max_tokens: Input should be greater than 0; body.prompt: Field required'."""
     parts = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more

@@ -117,6 +117,17 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def drop_stale_prefix(self, tenant: str, prefix_id: str, keep_version: str | None) -> None:
+        """A store event said (tenant, prefix_id) changed: evict other versions from the pool
+        now, unless a running request still reads them (those go when it finishes, by LRU)."""
+        self._inbox.put(("drop_stale", (tenant, prefix_id, keep_version)))
+        self._wake.set()
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the step loop has crashed (or was never started)."""
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
     # ---- the loop thread --------------------------------------------------------------
 
     def _run(self) -> None:
@@ -154,6 +165,8 @@ class AsyncEngine:
                     self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
                 except Exception as e:  # noqa: BLE001 - hand the error to its caller
                     cmd.loop.call_soon_threadsafe(cmd.sink.put_nowait, e)
+            elif cmd[0] == "drop_stale":
+                self.engine.prefix_cache.drop_stale(*cmd[1])
             else:
                 _, request_id = cmd
                 self.engine.abort(request_id)

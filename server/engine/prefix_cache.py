@@ -106,6 +106,13 @@ class PrefixCache:
             self.evictions += 1
         return True
 
+    def drop_stale(self, tenant: str, prefix_id: str, keep_version: str | None) -> int:
+        """Evict unused prefixes holding another version of (tenant, prefix_id)."""
+        stale = [k for k, e in self._entries.items() if e.users == 0 and any(
+            getattr(r, "tenant", None) == tenant and getattr(r, "prefix_id", None) == prefix_id
+            and r.version != keep_version for r in k)]
+        return sum(self.drop(k) for k in stale)
+
     def drop(self, key: tuple) -> bool:
         """Evict one prefix now if nobody uses it (a store event said it is stale)."""
         entry = self._entries.get(key)

@@ -119,3 +119,21 @@ def test_prefix_evicted_when_unused_and_pool_needs_room():
     engine.generate([[3] * 28], SamplingParams(max_tokens=12), [None])
     assert engine.prefix_cache.lru_keys() == [p2.key]
     assert engine.stats().prefix_evictions == 1
+
+
+def test_drop_stale_evicts_other_versions_unless_in_use():
+    pool = BlockPool(8)
+    cache = PrefixCache(pool, block_size=4, write=lambda blocks, kv: None)
+    v1 = Prefix(kv=torch.zeros(1, 2, 1, 4, 4), refs=(PrefixRef("t", "p", "v1"),))
+    v2 = Prefix(kv=torch.zeros(1, 2, 1, 4, 4), refs=(PrefixRef("t", "p", "v2"),))
+    pair = Prefix(kv=torch.zeros(1, 2, 1, 8, 4), refs=(PrefixRef("t", "task", "a"), PrefixRef("t", "p", "v1")))
+    other = Prefix(kv=torch.zeros(1, 2, 1, 4, 4), refs=(PrefixRef("u", "p", "v1"),))
+    for p in (v1, v2, pair, other):
+        cache.acquire(p)
+        cache.release(p.key)
+    cache.acquire(pair)  # in use: survives until released
+    assert cache.drop_stale("t", "p", keep_version="v2") == 1
+    assert cache.lru_keys() == [v2.key, other.key, pair.key]
+    cache.release(pair.key)
+    assert cache.drop_stale("t", "p", keep_version=None) == 2
+    assert cache.lru_keys() == [other.key]

@@ -1,0 +1,90 @@
+"""Redis key names, and the id rules that make them safe.
+
+Every key of one tenant carries the hash tag `{t:<tenant>}`, so in Redis Cluster all of
+them live in one hash slot and a MULTI/EXEC over them stays legal. Tenant records and API
+key hashes share the tag `{tenants}` for the same reason.
+
+    ps:{t:acme}:prefixes                         hash  prefix id -> PrefixRecord JSON
+    ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv
+    ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
+    ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
+    ps:events                                    pub/sub channel of PrefixEvent JSON
+    (the job queue's keys, under the tag `{jobs}`, are named in jobs.py)
+
+Ids never contain `{` or `}`, so the hash tag of a key is always the tenant's. Versions are
+16 hex digits and never end in a word of the key grammar, so no two ids share a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prefix_store.errors import InvalidIdError
+
+TENANT_RULE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+PREFIX_RULE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+VERSION_RULE = r"^[0-9a-f]{16}$"
+_TENANT_RE = re.compile(TENANT_RULE)
+_PREFIX_RE = re.compile(PREFIX_RULE)
+_VERSION_RE = re.compile(VERSION_RULE)
+
+
+def _check(kind: str, value: object, pattern: re.Pattern, rule: str) -> str:
+    # fullmatch: `$` alone would accept a trailing newline
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidIdError(kind, value, rule)
+    return value
+
+
+def validate_tenant(tenant: object) -> str:
+    return _check("tenant id", tenant, _TENANT_RE, TENANT_RULE)
+
+
+def validate_prefix_id(prefix_id: object) -> str:
+    return _check("prefix id", prefix_id, _PREFIX_RE, PREFIX_RULE)
+
+
+def validate_version(version: object) -> str:
+    return _check("version", version, _VERSION_RE, VERSION_RULE)
+
+
+def hash_tag(key: str) -> str:
+    """The part of `key` Redis Cluster hashes (cluster spec: first `{...}` that is non-empty)."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+class Keys:
+    """Builds every key and channel name under one namespace (default `ps`)."""
+
+    def __init__(self, namespace: str = "ps"):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", namespace):
+            raise InvalidIdError("namespace", namespace, r"^[A-Za-z0-9_.-]{1,32}$")
+        self.namespace = namespace
+
+    def _tenant_base(self, tenant: str) -> str:
+        return f"{self.namespace}:{{t:{validate_tenant(tenant)}}}"
+
+    def prefixes(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:prefixes"
+
+    def tensor(self, tenant: str, prefix_id: str, version: str) -> str:
+        return (f"{self._tenant_base(tenant)}:prefix:{validate_prefix_id(prefix_id)}"
+                f":tensor:{validate_version(version)}")
+
+    def tensor_pattern(self, tenant: str) -> str:
+        """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""
+        return f"{self._tenant_base(tenant)}:prefix:*"
+
+    def tenants(self) -> str:
+        return f"{self.namespace}:{{tenants}}:tenants"
+
+    def api_keys(self) -> str:
+        return f"{self.namespace}:{{tenants}}:api_keys"
+
+    def events(self) -> str:
+        return f"{self.namespace}:events"

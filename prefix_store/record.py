@@ -1,0 +1,76 @@
+"""What the store says about one stored prefix version, and the events it publishes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+from server.engine.prefix import PrefixRef
+
+
+@dataclass(frozen=True)
+class PrefixRecord:
+    """Metadata of one prefix version. `version` names exactly one tensor, forever."""
+
+    tenant: str
+    prefix_id: str
+    version: str  # sha256 of the safetensors bytes, first 16 hex digits
+    num_virtual_tokens: int  # prefix_len P of kv [L, 2, Hkv, P, hd]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    bytes: int  # size of the kv tensor data (numel * element size)
+    created_at: float  # unix epoch seconds of this version's upload
+    description: str
+    model_fingerprint: str  # the base model the prefix was made for
+
+    @property
+    def ref(self) -> PrefixRef:
+        return PrefixRef(tenant=self.tenant, prefix_id=self.prefix_id, version=self.version)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_kv_heads, self.num_virtual_tokens, self.head_dim)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "PrefixRecord":
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        missing = names - data.keys()
+        if missing:
+            raise ValueError(f"prefix record lacks fields {sorted(missing)}")
+        # unknown fields are ignored so that a newer writer does not break an older reader
+        return cls(**{name: data[name] for name in names})
+
+
+EventKind = Literal["put", "delete"]
+
+
+@dataclass(frozen=True)
+class PrefixEvent:
+    """Published on every change; replicas drop cached copies whose version differs."""
+
+    kind: EventKind
+    tenant: str
+    prefix_id: str
+    version: str  # the version written ("put") or removed ("delete")
+
+    @property
+    def ref(self) -> PrefixRef:
+        return PrefixRef(tenant=self.tenant, prefix_id=self.prefix_id, version=self.version)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "PrefixEvent":
+        data = json.loads(text)
+        if data.get("kind") not in ("put", "delete"):
+            raise ValueError(f"unknown prefix event kind {data.get('kind')!r}")
+        return cls(kind=data["kind"], tenant=data["tenant"], prefix_id=data["prefix_id"],
+                   version=data["version"])

@@ -1,0 +1,129 @@
+"""A redis-server child process that we start, own and stop (tests, and `serve`'s embedded mode).
+
+It listens on loopback only with protected mode on; a data directory holds its log and,
+with `appendonly=True`, its append-only file so that prefixes survive a restart.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """Usage: `with RedisServer() as r: PrefixStore(r.url)`; `stop()`/`start()` keep port and data."""
+
+    HOST = "127.0.0.1"  # never anything but loopback: the server has no password
+
+    def __init__(self, port: int | None = None, datadir: str | Path | None = None,
+                 appendonly: bool = False, executable: str = "redis-server",
+                 start_timeout: float = 10.0):
+        self.port = port if port is not None else free_port(self.HOST)
+        self._owns_datadir = datadir is None
+        self.datadir = Path(datadir) if datadir is not None else Path(tempfile.mkdtemp(prefix="prefix-serve-redis-"))
+        self.appendonly = appendonly
+        self.executable = executable
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.HOST}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.datadir / "redis.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        exe = shutil.which(self.executable)
+        if exe is None:
+            raise FileNotFoundError(f"{self.executable!r} not found on PATH; install redis-server "
+                                    "or pass --redis-url to use a running Redis")
+        return [
+            exe, "--port", str(self.port), "--bind", self.HOST, "--protected-mode", "yes",
+            "--dir", str(self.datadir), "--logfile", str(self.log_path), "--daemonize", "no",
+            "--save", "",  # no RDB snapshots: the append-only file (if on) is the durability
+            "--appendonly", "yes" if self.appendonly else "no",
+            # a prefix whose tensor was evicted would be metadata without its tensor
+            "--maxmemory-policy", "noeviction",
+        ]
+
+    def start(self) -> "RedisServer":
+        if self.running:
+            return self
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + self.start_timeout
+        client = redis.Redis(host=self.HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            while True:
+                if self._proc.poll() is not None:
+                    err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                    code = self._proc.returncode
+                    self._proc = None
+                    raise RuntimeError(f"redis-server on port {self.port} exited with code {code} "
+                                       f"while starting. {err.strip()}\n{self._log_tail()}".strip())
+                try:
+                    # the pid check: another server on this port must not pass for ours
+                    if client.info("server").get("process_id") == self._proc.pid and client.ping():
+                        return self
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # not listening yet (or still loading the append-only file)
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer PING within "
+                                       f"{self.start_timeout:.0f} s. {self._log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Redis then flushes its append-only file), SIGKILL after `timeout` s."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+    def close(self) -> None:
+        """Stop, and remove the data directory if this object created it."""
+        self.stop()
+        if self._owns_datadir:
+            shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def _log_tail(self, lines: int = 10) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "log tail:\n" + "\n".join(tail)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,212 @@
+"""PrefixStore: versioned, tenant-namespaced prefixes in Redis (synchronous; the API calls it
+through asyncio.to_thread).
+
+NOTE: the invariant is that a reader never sees metadata without its tensor, nor half of a
+replace. A put writes the new version's tensor, the metadata that points at it, the expiry
+of the old version's tensor and the event in one MULTI/EXEC, guarded by WATCH on the
+tenant's index (a concurrent writer to the same tenant makes us retry). The old tensor
+stays readable for `old_version_grace_s`, so a reader that fetched the old metadata just
+before the swap still gets the tensor it names; every tensor read is checked against the
+version hash in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import redis
+import torch
+
+from prefix_store import codec
+from prefix_store.connection import make_client, unavailable_as_error
+from prefix_store.errors import StoreIntegrityError, StoreUnavailableError
+from prefix_store.keys import Keys, validate_prefix_id, validate_tenant, validate_version
+from prefix_store.record import PrefixEvent, PrefixRecord
+from prefix_store.subscription import Subscription
+from prefix_store.tenants import TenantDirectory
+
+MAX_DESCRIPTION_CHARS = 4096
+
+
+class PrefixStore:
+    def __init__(self, redis_url: str, namespace: str = "ps", old_version_grace_s: int = 300):
+        self.redis_url = redis_url
+        self.keys = Keys(namespace)
+        self.old_version_grace_s = old_version_grace_s
+        self._r = make_client(redis_url)
+        self._tenants = TenantDirectory(self._r, self.keys)
+        self.errors = 0  # operations that found Redis unreachable (metrics: store_errors_total)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            with unavailable_as_error(self.redis_url):
+                yield
+        except StoreUnavailableError:
+            self.errors += 1
+            raise
+
+    # ---- prefixes -------------------------------------------------------------------------
+
+    def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
+            description: str = "") -> tuple[PrefixRecord, bool]:
+        """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created)."""
+        validate_tenant(tenant)
+        validate_prefix_id(prefix_id)
+        if not isinstance(model_fingerprint, str) or not model_fingerprint:
+            raise ValueError("model_fingerprint must be a non-empty string")
+        if not isinstance(description, str):
+            raise ValueError(f"description must be a string, got {type(description).__name__}")
+        if len(description) > MAX_DESCRIPTION_CHARS:
+            raise ValueError(f"description has {len(description)} characters; the limit is "
+                             f"{MAX_DESCRIPTION_CHARS}")
+        data, version = codec.encode(kv)
+        layers, _, heads, plen, head_dim = kv.shape
+        record = PrefixRecord(
+            tenant=tenant, prefix_id=prefix_id, version=version, num_virtual_tokens=int(plen),
+            num_layers=int(layers), num_kv_heads=int(heads), head_dim=int(head_dim),
+            dtype=str(kv.dtype).removeprefix("torch."), bytes=kv.numel() * kv.element_size(),
+            created_at=time.time(), description=description, model_fingerprint=model_fingerprint)
+        index = self.keys.prefixes(tenant)
+        event = PrefixEvent("put", tenant, prefix_id, version)
+
+        def tx(pipe: redis.client.Pipeline) -> PrefixRecord | None:
+            old_raw = pipe.hget(index, prefix_id)
+            old = PrefixRecord.from_json(old_raw) if old_raw is not None else None
+            pipe.multi()
+            # a plain SET also clears a grace TTL if this version is uploaded again
+            pipe.set(self.keys.tensor(tenant, prefix_id, version), data)
+            pipe.hset(index, prefix_id, record.to_json())
+            if old is not None and old.version != version:
+                pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
+            pipe.publish(self.keys.events(), event.to_json())
+            return old
+
+        with self._guard():
+            old = self._r.transaction(tx, index, value_from_callable=True)
+        return record, old is None
+
+    def get_record(self, tenant: str, prefix_id: str) -> PrefixRecord | None:
+        validate_tenant(tenant)
+        validate_prefix_id(prefix_id)
+        with self._guard():
+            raw = self._r.hget(self.keys.prefixes(tenant), prefix_id)
+        return PrefixRecord.from_json(raw) if raw is not None else None
+
+    def get(self, tenant: str, prefix_id: str) -> tuple[PrefixRecord, torch.Tensor] | None:
+        """The current version: its record and kv [L, 2, Hkv, P, hd]; None if there is none."""
+        record = None
+        for _ in range(3):
+            record = self.get_record(tenant, prefix_id)
+            if record is None:
+                return None
+            kv = self.get_version(tenant, prefix_id, record.version)
+            if kv is not None:
+                return record, kv
+            # the tensor left between our two reads (replaced, grace over): read the metadata again
+        raise StoreIntegrityError(
+            f"prefix {prefix_id!r} of tenant {tenant!r}: metadata names version {record.version} "
+            "but its tensor is missing (was it evicted? run Redis with maxmemory-policy noeviction)")
+
+    def get_version(self, tenant: str, prefix_id: str, version: str) -> torch.Tensor | None:
+        """The tensor of exactly this version (also shortly after it was replaced), or None."""
+        key = self.keys.tensor(tenant, prefix_id, validate_version(version))
+        with self._guard():
+            data = self._r.get(key)
+        if data is None:
+            return None
+        try:
+            return codec.decode(data, version)
+        except ValueError as e:
+            raise StoreIntegrityError(f"prefix {prefix_id!r} of tenant {tenant!r}: {e}") from e
+
+    def list(self, tenant: str) -> list[PrefixRecord]:
+        """The tenant's prefixes, sorted by id."""
+        validate_tenant(tenant)
+        with self._guard():
+            raw = self._r.hgetall(self.keys.prefixes(tenant))
+        return sorted((PrefixRecord.from_json(v) for v in raw.values()), key=lambda r: r.prefix_id)
+
+    def delete(self, tenant: str, prefix_id: str) -> bool:
+        """Remove a prefix; False if it did not exist. Its tensor expires after the grace period."""
+        validate_tenant(tenant)
+        validate_prefix_id(prefix_id)
+        index = self.keys.prefixes(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.hget(index, prefix_id)
+            if raw is None:
+                return False
+            old = PrefixRecord.from_json(raw)
+            pipe.multi()
+            pipe.hdel(index, prefix_id)
+            pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
+            pipe.publish(self.keys.events(), PrefixEvent("delete", tenant, prefix_id, old.version).to_json())
+            return True
+
+        with self._guard():
+            return bool(self._r.transaction(tx, index, value_from_callable=True))
+
+    # ---- tenants and API keys --------------------------------------------------------------
+
+    def create_tenant(self, tenant_id: str) -> str:
+        """A new tenant; returns its API key (shown once, stored only as a hash)."""
+        with self._guard():
+            return self._tenants.create(tenant_id)
+
+    def rotate_key(self, tenant_id: str) -> str | None:
+        with self._guard():
+            return self._tenants.rotate_key(tenant_id)
+
+    def tenant_for_key(self, api_key: str) -> str | None:
+        with self._guard():
+            return self._tenants.tenant_for_key(api_key)
+
+    def tenant_exists(self, tenant_id: str) -> bool:
+        with self._guard():
+            return self._tenants.exists(tenant_id)
+
+    def list_tenants(self) -> list[str]:
+        with self._guard():
+            return self._tenants.list()
+
+    def delete_tenant(self, tenant_id: str) -> bool:
+        """Remove the tenant, its key and all its prefixes (with a delete event for each)."""
+        with self._guard():
+            existed = self._tenants.delete(tenant_id)  # first: its key stops working at once
+            for record in self.list(tenant_id):
+                self.delete(tenant_id, record.prefix_id)
+            # no reader can reach these any more; do not wait for the grace period
+            for key in self._r.scan_iter(match=self.keys.tensor_pattern(tenant_id), count=500):
+                self._r.unlink(key)
+        return existed
+
+    # ---- events and health -----------------------------------------------------------------
+
+    def subscribe(self, callback, on_reconnect=None, wait_s: float = 2.0) -> Subscription:
+        """Deliver every PrefixEvent to `callback` on a background thread; `.close()` ends it.
+
+        Waits up to `wait_s` for the subscription to be active (it keeps trying in the
+        background if Redis is down; see `Subscription.wait_ready`).
+        """
+        sub = Subscription(self._r, self.keys.events(), callback, on_reconnect)
+        sub.wait_ready(wait_s)
+        return sub
+
+    def ping(self) -> bool:
+        try:
+            with self._guard():
+                return bool(self._r.ping())
+        except (StoreUnavailableError, redis.RedisError):  # e.g. NOAUTH: not ready either
+            return False
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self) -> "PrefixStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""Tenants and their API keys. A key is shown once; Redis holds only its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+
+import redis
+
+from prefix_store.errors import TenantExistsError
+from prefix_store.keys import Keys, validate_tenant
+
+API_KEY_PREFIX = "ps-"
+API_KEY_LENGTH = len(API_KEY_PREFIX) + 32  # token_urlsafe(24) gives 32 characters
+
+
+def new_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def key_hash(api_key: str) -> str:
+    # A plain hash is enough: keys carry 192 random bits, so there is nothing to brute-force
+    # and no need for a slow password hash on every request.
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class TenantDirectory:
+    """Tenant records in `ps:{tenants}:tenants`, key hashes in `ps:{tenants}:api_keys`.
+
+    Both hashes share a hash tag, so each change is one MULTI/EXEC even in Redis Cluster.
+    Callers wrap calls in `unavailable_as_error` (PrefixStore does).
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self._r = client
+        self._keys = keys
+
+    def create(self, tenant: str) -> str:
+        validate_tenant(tenant)
+        api_key = new_api_key()
+        record = json.dumps({"tenant_id": tenant, "created_at": time.time(), "key_hash": key_hash(api_key)})
+
+        def tx(pipe: redis.client.Pipeline) -> None:
+            if pipe.hexists(self._keys.tenants(), tenant):
+                raise TenantExistsError(f"tenant {tenant!r} already exists; delete it first or "
+                                        "rotate its key")
+            pipe.multi()
+            pipe.hset(self._keys.tenants(), tenant, record)
+            pipe.hset(self._keys.api_keys(), key_hash(api_key), tenant)
+
+        self._r.transaction(tx, self._keys.tenants())
+        return api_key
+
+    def rotate_key(self, tenant: str) -> str | None:
+        """A new key for `tenant`; the old one stops working at once. None if no such tenant."""
+        validate_tenant(tenant)
+        api_key = new_api_key()
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.hget(self._keys.tenants(), tenant)
+            if raw is None:
+                return False
+            record = json.loads(raw)
+            old_hash, record["key_hash"] = record["key_hash"], key_hash(api_key)
+            pipe.multi()
+            pipe.hdel(self._keys.api_keys(), old_hash)
+            pipe.hset(self._keys.api_keys(), record["key_hash"], tenant)
+            pipe.hset(self._keys.tenants(), tenant, json.dumps(record))
+            return True
+
+        found = self._r.transaction(tx, self._keys.tenants(), value_from_callable=True)
+        return api_key if found else None
+
+    def tenant_for_key(self, api_key: str) -> str | None:
+        if not isinstance(api_key, str) or len(api_key) != API_KEY_LENGTH or not api_key.startswith(API_KEY_PREFIX):
+            return None
+        digest = key_hash(api_key)
+        tenant = self._r.hget(self._keys.api_keys(), digest)
+        if tenant is None:
+            return None
+        raw = self._r.hget(self._keys.tenants(), tenant)
+        if raw is None:
+            return None
+        # the index lookup already matched; comparing against the tenant's own record also
+        # rejects a stale index entry left by a concurrent rotation, in constant time
+        if not hmac.compare_digest(json.loads(raw)["key_hash"], digest):
+            return None
+        return tenant.decode()
+
+    def exists(self, tenant: str) -> bool:
+        return bool(self._r.hexists(self._keys.tenants(), validate_tenant(tenant)))
+
+    def list(self) -> list[str]:
+        return sorted(t.decode() for t in self._r.hkeys(self._keys.tenants()))
+
+    def delete(self, tenant: str) -> bool:
+        """Removes the tenant and its key (not its prefixes: PrefixStore.delete_tenant does both)."""
+        validate_tenant(tenant)
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.hget(self._keys.tenants(), tenant)
+            if raw is None:
+                return False
+            pipe.multi()
+            pipe.hdel(self._keys.tenants(), tenant)
+            pipe.hdel(self._keys.api_keys(), json.loads(raw)["key_hash"])
+            return True
+
+        return bool(self._r.transaction(tx, self._keys.tenants(), value_from_callable=True))

@@ -1,0 +1,239 @@
+"""One generation on behalf of an HTTP request: shared by /v1/generate and the OpenAI routes.
+
+    prepare(): tokenize, resolve (load) the prefixes, check sampling  -> GenerationJob
+    complete(): run to the end, aborting if the client disconnects    -> Completion
+    open_stream(): start, surface admission errors before any byte is sent, then yield deltas
+
+# NOTE: every engine iterator is closed explicitly (aclosing): an async generator left
+# un-iterated is only finalised by the garbage collector, and until then its request
+# would keep running and hold its KV blocks. Closing it early aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from prefix_store import InvalidIdError, StoreIntegrityError
+from server.api.auth import Caller
+from server.api.context import ServerContext
+from server.api.errors import ApiError, ClientGone
+from server.api.schemas import Message, PrefixUsed, SamplingFields
+from server.engine.async_engine import EngineDeadError, QueueFullError
+from server.engine.outputs import FinishReason, RequestOutput
+from server.engine.prefix import Prefix, PrefixError
+from server.engine.sampling_params import SamplingParams
+from server.residency import USER_PREFIX, PrefixMismatch, PrefixNotFound, PrefixUnavailable
+
+
+@dataclass
+class GenerationJob:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    prefix: Prefix | None
+    prefix_used: list[PrefixUsed]  # the ids as the client wrote them, with the versions served
+    tenant: str = ""  # the caller's tenant (metrics label)
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def prefix_names(prefix_id: str | list[str] | None, user_id: str | None) -> list[str]:
+    names = [] if prefix_id is None else [prefix_id] if isinstance(prefix_id, str) else list(prefix_id)
+    if user_id is not None:
+        names.append(USER_PREFIX + user_id)
+    return names
+
+
+async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str], prompt: str | list[int] | None,
+                  messages: list[Message] | None, fields: SamplingFields, max_tokens: int | None,
+                  id_prefix: str = "gen") -> GenerationJob:
+    prompt_ids = encode(ctx, prompt, messages)
+    prefix = await resolve(ctx, caller, names)
+    used = [PrefixUsed(id=n, version=r.version) for n, r in zip(names, prefix.refs, strict=True)] if prefix else []
+    if max_tokens is None:  # fill the context (OpenAI chat's default)
+        max_tokens = max(1, ctx.spec.max_model_len - len(prompt_ids) - (prefix.length if prefix else 0))
+    try:
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p,
+                                  top_k=fields.top_k, seed=fields.seed, stop=fields.stop_strings(),
+                                  ignore_eos=fields.ignore_eos)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+    return GenerationJob(f"{id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, prefix, used, caller.tenant)
+
+
+def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: list[Message] | None) -> list[int]:
+    if isinstance(prompt, list):
+        return [int(t) for t in prompt]
+    tok = ctx.tokenizer
+    if tok is None:
+        raise ApiError(400, "this model has no tokenizer: send the prompt as a list of token ids")
+    if messages is not None:
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model's tokenizer has no chat template: send a prompt instead of messages")
+        try:
+            chat = [{"role": m.role, "content": m.text()} for m in messages]
+            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+        except Exception as e:  # a template may raise anything (jinja errors) on odd input
+            raise ApiError(400, f"the chat template could not render these messages: {e}") from e
+        # the template already wrote the special tokens it wants
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+    return list(tok(prompt or "", add_special_tokens=True)["input_ids"])
+
+
+async def resolve(ctx: ServerContext, caller: Caller, names: list[str]) -> Prefix | None:
+    try:
+        return await ctx.resolver.resolve(caller.tenant, names)
+    except PrefixNotFound as e:
+        raise ApiError(404, str(e), "not_found_error") from e
+    except InvalidIdError as e:
+        raise ApiError(400, str(e)) from e
+    except PrefixUnavailable as e:
+        raise ApiError(503, str(e), "service_unavailable", {"Retry-After": "1"}) from e
+    except (PrefixMismatch, PrefixError) as e:
+        raise ApiError(422, str(e), "invalid_prefix") from e
+    except StoreIntegrityError as e:
+        raise ApiError(500, str(e), "internal_error") from e
+
+
+# --- running
+
+async def complete(ctx: ServerContext, request: Request, job: GenerationJob) -> Completion:
+    """Run to the end. Raises ApiError (429, 400, 504, 503) or ClientGone."""
+    work = _collect(ctx, job)
+    try:
+        return await until_disconnect(request, asyncio.wait_for(work, ctx.settings.request_timeout_s))
+    except asyncio.TimeoutError as e:
+        raise _timeout(ctx) from e
+
+
+async def open_stream(ctx: ServerContext, request: Request, job: GenerationJob) -> AsyncIterator[RequestOutput]:
+    """Start the request and wait for its first output, so that 429/400 can still be a status
+    code; then return an iterator over all outputs (the first one included)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.request_timeout_s
+    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix)
+    try:
+        first = await until_disconnect(request, asyncio.wait_for(_first(ctx, outputs), ctx.settings.request_timeout_s))
+    except asyncio.TimeoutError as e:
+        await outputs.aclose()
+        raise _timeout(ctx) from e
+    except BaseException:
+        await outputs.aclose()
+        raise
+    return _rest(ctx, outputs, first, deadline, job.tenant)
+
+
+async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await anext(outputs)
+    except QueueFullError as e:
+        raise _queue_full(ctx, e) from e
+    except (ValueError, PrefixError) as e:  # check_request: does not fit the context, bad token id
+        raise ApiError(400, str(e)) from e
+    except EngineDeadError as e:
+        raise ApiError(503, str(e), "service_unavailable") from e
+
+
+async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: float,
+                tenant: str) -> AsyncIterator[RequestOutput]:
+    async with contextlib.aclosing(outputs):
+        if first.finished:
+            ctx.metrics.observe_finished(tenant, first)
+        yield first
+        if first.finished:
+            return
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                out = await asyncio.wait_for(anext(outputs), max(remaining, 0.0))
+            except asyncio.TimeoutError as e:
+                raise _timeout(ctx) from e
+            except EngineDeadError as e:
+                raise ApiError(503, str(e), "service_unavailable") from e
+            except StopAsyncIteration:
+                return
+            if out.finished:
+                ctx.metrics.observe_finished(tenant, out)
+            yield out
+            if out.finished:
+                return
+
+
+async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
+    result = Completion(prompt_tokens=len(job.prompt_token_ids))
+    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix)
+    async with contextlib.aclosing(outputs):
+        first = True
+        while True:
+            try:
+                out = await (_first(ctx, outputs) if first else anext(outputs))
+            except StopAsyncIteration:
+                break
+            except EngineDeadError as e:
+                raise ApiError(503, str(e), "service_unavailable") from e
+            first = False
+            result.text += out.new_text
+            result.token_ids.extend(out.new_token_ids)
+            if out.finished:
+                ctx.metrics.observe_finished(job.tenant, out)
+                result.finish_reason = finish_reason_name(out.finish_reason)
+                break
+    result.completion_tokens = len(result.token_ids)
+    return result
+
+
+def finish_reason_name(reason: FinishReason | None) -> str:
+    return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+async def until_disconnect(request: Request, work):
+    """Await `work` unless the client disconnects first: then cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task  # the cancellation closes the engine iterator, which aborts the request
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body has been read already; the next ASGI message is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _queue_full(ctx: ServerContext, e: Exception) -> ApiError:
+    return ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
+                    {"Retry-After": str(ctx.settings.retry_after_s)})
+
+
+def _timeout(ctx: ServerContext) -> ApiError:
+    return ApiError(504, f"the request ran longer than request_timeout_s={ctx.settings.request_timeout_s:g} "
+                         "and was aborted; ask for fewer max_tokens", "timeout_error")

@@ -1,0 +1,48 @@
+"""`POST /v1/generate`: prefix-serve's own generation route, JSON or Server-Sent Events."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api.auth import Caller, require_caller
+from server.api.context import get_ctx
+from server.api.generation import GenerationJob, complete, finish_reason_name, open_stream, prefix_names, prepare
+from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.api.sse import sse_response
+from server.engine.outputs import RequestOutput
+
+router = APIRouter(tags=["generation"])
+
+
+@router.post("/v1/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}})
+async def generate(body: GenerateRequest, request: Request, caller: Caller = Depends(require_caller)):
+    ctx = get_ctx(request)
+    job = await prepare(ctx, caller, names=prefix_names(body.prefix_id, body.user_id), prompt=body.prompt,
+                        messages=body.messages, fields=body, max_tokens=body.max_tokens)
+    if body.stream:
+        outputs = await open_stream(ctx, request, job)
+        return sse_response(_events(job, outputs))
+    result = await complete(ctx, request, job)
+    return GenerateResponse(
+        id=job.request_id, text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason,
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                    total_tokens=result.prompt_tokens + result.completion_tokens),
+        prefix=job.prefix_used)
+
+
+async def _events(job: GenerationJob, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
+    """One delta per engine output; the last one carries finish_reason, usage and prefix."""
+    async with contextlib.aclosing(outputs):
+        async for out in outputs:
+            event = {"id": job.request_id, "text": out.new_text, "token_ids": out.new_token_ids,
+                     "finish_reason": finish_reason_name(out.finish_reason) if out.finished else None}
+            if out.finished:
+                prompt_tokens = len(job.prompt_token_ids)
+                event["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": out.num_output_tokens,
+                                  "total_tokens": prompt_tokens + out.num_output_tokens}
+                event["prefix"] = [p.model_dump() for p in job.prefix_used]
+            yield event

@@ -1,0 +1,191 @@
+"""Personalization (API.md): queue a job that trains `user:<user_id>`, watch it, cancel it.
+
+    POST   /v1/users/{user_id}/personalize  -> 202 {"job_id", "status"}
+    GET    /v1/jobs/{job_id}                -> status, progress, loss, prefix_id, error
+    DELETE /v1/jobs/{job_id}                -> cancels (200 cancelled, 202 stop requested, 409 finished)
+
+The route checks everything it can before queueing (limits, token lengths, the base
+prefix), so a bad request is a 4xx with the numbers and never a failed job. Training runs
+in `prefix-serve worker` processes; the serving loop never trains. Jobs are tenant-scoped:
+another tenant's job id is simply not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefix_store import InvalidIdError, StoreUnavailableError
+from prefix_store.job import Job, JobStatus, TooManyJobsError
+from prefix_store.keys import validate_prefix_id
+from server.api.auth import Caller, require_caller
+from server.api.context import ServerContext, get_ctx
+from server.api.errors import ApiError
+from server.residency import USER_PREFIX, PrefixNotFound
+from server.training.data import encode_prompt
+
+router = APIRouter(tags=["personalization"])
+MAX_LEARNING_RATE = 0.1  # above this prefix-tuning diverges; the paper uses 5e-5 to 8e-5 with larger batches
+
+
+class TrainingExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, description="what the user sends")
+    completion: str = Field(min_length=1, description="what the model should answer (the trained tokens)")
+
+
+class PersonalizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    examples: list[TrainingExample] = Field(min_length=1)
+    base_prefix_id: str | None = Field(None, description="a task prefix trained before the user's (composed first)")
+    num_virtual_tokens: int = Field(10, description="length of the user's prefix")
+    steps: int = Field(100, description="optimizer steps")
+    learning_rate: float = Field(5e-3, description="peak AdamW learning rate, decayed linearly to 0")
+    init_text: str | None = Field(None, min_length=1, max_length=2000,
+                                  description="real words the prefix starts from (default: the first example)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+
+
+class JobInfo(BaseModel):
+    job_id: str
+    user_id: str
+    status: str  # queued | running | succeeded | failed | cancelled
+    progress: float  # 0.0-1.0
+    loss: float | None  # the last training step's loss
+    prefix_id: str | None  # "user:<user_id>" once succeeded
+    version: str | None  # the published prefix version
+    error: str | None
+    step: int
+    steps: int
+    attempts: int
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+def job_info(job: Job) -> JobInfo:
+    return JobInfo(job_id=job.job_id, user_id=job.user_id, status=job.status.value, progress=job.progress,
+                   loss=job.loss, prefix_id=job.prefix_id if job.status == JobStatus.SUCCEEDED else None,
+                   version=job.version, error=job.error, step=job.step, steps=int(job.spec.get("steps", 0)),
+                   attempts=job.attempts, cancel_requested=job.cancel_requested, created_at=job.created_at,
+                   started_at=job.started_at, finished_at=job.finished_at)
+
+
+async def _queue_call(fn, *args):
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except StoreUnavailableError as e:
+        raise ApiError(503, "the job queue (Redis) is unreachable; nothing was changed, retry shortly",
+                       "service_unavailable", {"Retry-After": "1"}) from e
+
+
+@router.post("/v1/users/{user_id}/personalize", status_code=202, response_model=JobAccepted)
+async def personalize(user_id: str, body: PersonalizeRequest, request: Request, response: Response,
+                      caller: Caller = Depends(require_caller)) -> JobAccepted:
+    ctx: ServerContext = get_ctx(request)
+    try:
+        validate_prefix_id(USER_PREFIX + user_id)
+    except InvalidIdError as e:
+        raise ApiError(400, f"user id {user_id!r} cannot name a prefix: {e}") from e
+    _check_numbers(ctx, body)
+    base = await _base_prefix(ctx, caller, body.base_prefix_id)
+    await asyncio.to_thread(_check_lengths, ctx, body, base["num_virtual_tokens"] if base else 0)
+    spec = {
+        "examples": [e.model_dump() for e in body.examples], "num_virtual_tokens": body.num_virtual_tokens,
+        "steps": body.steps, "learning_rate": body.learning_rate, "init_text": body.init_text, "seed": body.seed,
+        "base_prefix": base and {k: base[k] for k in ("name", "tenant", "prefix_id")},
+        # the worker checks it runs these weights, and publishes the prefix for them
+        "model_fingerprint": ctx.spec.fingerprint,
+    }
+    try:
+        job_id = await _queue_call(ctx.jobs.submit, caller.tenant, user_id, spec)
+    except TooManyJobsError as e:
+        raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "10"}) from e
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return JobAccepted(job_id=job_id, status=JobStatus.QUEUED.value)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobInfo)
+async def get_job(job_id: str, request: Request, caller: Caller = Depends(require_caller)) -> JobInfo:
+    job = await _queue_call(get_ctx(request).jobs.get, caller.tenant, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found (finished jobs are kept for a week)", "not_found_error")
+    return job_info(job)
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobInfo,
+               responses={202: {"model": JobInfo, "description": "running: the worker stops at its next step"},
+                          409: {"description": "the job already succeeded or failed"}})
+async def cancel_job(job_id: str, request: Request, response: Response,
+                     caller: Caller = Depends(require_caller)) -> JobInfo:
+    job = await _queue_call(get_ctx(request).jobs.cancel, caller.tenant, job_id)
+    if job is None:
+        raise ApiError(404, f"job {job_id!r} not found", "not_found_error")
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise ApiError(409, f"job {job_id} already {job.status.value}; there is nothing to cancel", "conflict_error")
+    response.status_code = 202 if job.status == JobStatus.RUNNING else 200
+    return job_info(job)
+
+
+def _check_numbers(ctx: ServerContext, body: PersonalizeRequest) -> None:
+    s = ctx.settings
+    if len(body.examples) > s.max_train_examples:
+        raise ApiError(400, f"{len(body.examples)} examples; at most {s.max_train_examples} are allowed "
+                            "(max_train_examples)")
+    if not 1 <= body.steps <= s.max_train_steps:
+        raise ApiError(400, f"steps must be between 1 and {s.max_train_steps}, got {body.steps}")
+    if not 1 <= body.num_virtual_tokens <= s.max_train_virtual_tokens:
+        raise ApiError(400, f"num_virtual_tokens must be between 1 and {s.max_train_virtual_tokens}, "
+                            f"got {body.num_virtual_tokens}")
+    if not 0 < body.learning_rate <= MAX_LEARNING_RATE:
+        raise ApiError(400, f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {body.learning_rate}")
+    if ctx.tokenizer is None:
+        raise ApiError(400, "this server's model has no tokenizer; personalization needs one to read the examples")
+
+
+async def _base_prefix(ctx: ServerContext, caller: Caller, name: str | None) -> dict | None:
+    """The base prefix's owner, id and length, after checking it exists for the caller."""
+    if name is None:
+        return None
+    try:
+        owner, prefix_id = ctx.resolver.owner_of(caller.tenant, name)
+        record = await asyncio.to_thread(ctx.store.get_record, owner, prefix_id)
+    except PrefixNotFound as e:
+        raise ApiError(404, f"base_prefix_id: {e}", "not_found_error") from e
+    except InvalidIdError as e:
+        raise ApiError(400, f"base_prefix_id: {e}") from e
+    except StoreUnavailableError as e:
+        raise ApiError(503, "the prefix store is unreachable; retry shortly", "service_unavailable",
+                       {"Retry-After": "1"}) from e
+    if record is None:
+        raise ApiError(404, f"base_prefix_id: prefix {name!r} not found", "not_found_error")
+    if record.model_fingerprint != ctx.spec.fingerprint:
+        raise ApiError(422, f"base_prefix_id: prefix {name!r} was made for base model {record.model_fingerprint}; "
+                            f"this server runs {ctx.spec.fingerprint}", "invalid_prefix")
+    return {"name": name, "tenant": owner, "prefix_id": prefix_id, "num_virtual_tokens": record.num_virtual_tokens}
+
+
+def _check_lengths(ctx: ServerContext, body: PersonalizeRequest, base_len: int) -> None:
+    """Token counts as the trainer will see them: prompt (special tokens included) +
+    completion + EOS, within the limit and, after the prefixes, within the context."""
+    tok, limit = ctx.tokenizer, ctx.settings.max_train_example_tokens
+    room = ctx.spec.max_model_len - base_len - body.num_virtual_tokens
+    for index, example in enumerate(body.examples):
+        prompt = len(encode_prompt(tok, example.prompt))
+        completion = len(tok(example.completion, add_special_tokens=False)["input_ids"])
+        total = prompt + completion + 1
+        if total > limit:
+            raise ApiError(400, f"examples[{index}] has {total} tokens (prompt {prompt} + completion {completion} "
+                                f"+ EOS); at most {limit} are allowed (max_train_example_tokens)")
+        if total > room:
+            raise ApiError(400, f"examples[{index}] has {total} tokens, but the model's context "
+                                f"({ctx.spec.max_model_len}) leaves {room} after the base prefix ({base_len}) "
+                                f"and num_virtual_tokens ({body.num_virtual_tokens})")

@@ -1,0 +1,124 @@
+"""`/v1/prefixes`: upload (PUT, multipart), list, get and delete the caller's prefixes.
+
+A tenant only ever sees its own namespace: another tenant's prefix is simply not there
+(404), never forbidden (403), so its existence is not revealed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from prefix_store import InvalidIdError, PrefixRecord, StoreUnavailableError
+from prefix_store.keys import validate_prefix_id
+from server.api.auth import Caller, require_caller
+from server.api.context import ServerContext, get_ctx
+from server.api.errors import ApiError
+from server.api.schemas import PrefixInfo, PrefixList
+from server.api.upload import UploadError, parse_prefix_upload
+
+router = APIRouter(tags=["prefixes"])
+MAX_DESCRIPTION_CHARS = 4096
+
+
+def prefix_info(r: PrefixRecord) -> PrefixInfo:
+    return PrefixInfo(id=r.prefix_id, version=r.version, num_virtual_tokens=r.num_virtual_tokens, dtype=r.dtype,
+                      bytes=r.bytes, created_at=r.created_at, description=r.description)
+
+
+async def _store_call(fn, *args, **kwargs):
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except StoreUnavailableError as e:
+        raise ApiError(503, "the prefix store is unreachable; nothing was changed, retry shortly",
+                       "service_unavailable", {"Retry-After": "1"}) from e
+    except InvalidIdError as e:
+        raise ApiError(400, str(e)) from e
+
+
+def _check_id(prefix_id: str) -> None:
+    try:
+        validate_prefix_id(prefix_id)
+    except InvalidIdError as e:
+        raise ApiError(400, str(e)) from e
+
+
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "zip of a PEFT prefix-tuning adapter folder, or a .safetensors file"},
+        "description": {"type": "string"},
+        "num_virtual_tokens": {"type": "integer", "description": "rows of prompt_embeddings (optional check)"},
+    }}}}}}
+
+
+@router.put("/v1/prefixes/{prefix_id}", response_model=PrefixInfo, status_code=201, openapi_extra=_UPLOAD_FORM,
+            responses={200: {"model": PrefixInfo, "description": "replaced"}})
+async def upload_prefix(prefix_id: str, request: Request, response: Response,
+                        caller: Caller = Depends(require_caller)) -> PrefixInfo:
+    ctx: ServerContext = get_ctx(request)
+    _check_id(prefix_id)
+    # The form is read here, after the key was checked: a stranger cannot make us read a
+    # large body (FastAPI reads declared form parameters before running dependencies).
+    data, filename, description, num_virtual_tokens = await _read_form(request)
+    try:
+        parsed = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
+                                         num_virtual_tokens=num_virtual_tokens,
+                                         max_prefix_bytes=ctx.settings.max_prefix_bytes)
+    except UploadError as e:
+        raise ApiError(e.status, str(e), e.kind) from e
+    record, created = await _store_call(ctx.store.put, caller.tenant, prefix_id, parsed.kv,
+                                        model_fingerprint=ctx.spec.fingerprint, description=description)
+    response.status_code = 201 if created else 200
+    return prefix_info(record)
+
+
+async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | None]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "send the prefix as multipart/form-data with the file in the field 'file' "
+                            "(curl -F file=@adapter.zip)", "unsupported_media_type")
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except ApiError:
+        raise
+    except Exception as e:  # malformed multipart, too many parts
+        raise ApiError(400, f"the multipart body cannot be read: {e}") from e
+    file = form.get("file")
+    if file is None or isinstance(file, str):
+        raise ApiError(400, "the multipart field 'file' (the adapter zip or .safetensors file) is missing")
+    description = form.get("description") or ""
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+        raise ApiError(400, f"description must be text of at most {MAX_DESCRIPTION_CHARS} characters")
+    nvt_raw = form.get("num_virtual_tokens")
+    num_virtual_tokens = None
+    if nvt_raw not in (None, ""):
+        if not isinstance(nvt_raw, str) or not nvt_raw.strip().isdigit() or int(nvt_raw) < 1:
+            raise ApiError(400, f"num_virtual_tokens must be a positive integer, got {nvt_raw!r}")
+        num_virtual_tokens = int(nvt_raw)
+    data = await file.read()
+    await form.close()
+    return data, file.filename, description, num_virtual_tokens
+
+
+@router.get("/v1/prefixes", response_model=PrefixList)
+async def list_prefixes(request: Request, caller: Caller = Depends(require_caller)) -> PrefixList:
+    records = await _store_call(get_ctx(request).store.list, caller.tenant)
+    return PrefixList(data=[prefix_info(r) for r in records])
+
+
+@router.get("/v1/prefixes/{prefix_id}", response_model=PrefixInfo)
+async def get_prefix(prefix_id: str, request: Request, caller: Caller = Depends(require_caller)) -> PrefixInfo:
+    _check_id(prefix_id)
+    record = await _store_call(get_ctx(request).store.get_record, caller.tenant, prefix_id)
+    if record is None:
+        raise ApiError(404, f"prefix {prefix_id!r} not found", "not_found_error")
+    return prefix_info(record)
+
+
+@router.delete("/v1/prefixes/{prefix_id}", status_code=204)
+async def delete_prefix(prefix_id: str, request: Request, caller: Caller = Depends(require_caller)) -> Response:
+    _check_id(prefix_id)
+    if not await _store_call(get_ctx(request).store.delete, caller.tenant, prefix_id):
+        raise ApiError(404, f"prefix {prefix_id!r} not found", "not_found_error")
+    return Response(status_code=204)

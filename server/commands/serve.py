@@ -1,0 +1,127 @@
+"""`prefix-serve serve`: the HTTP server on the embedded default, or on what the flags say.
+
+With no --redis-url it starts and owns a local redis-server (loopback only, append-only
+file on, data under <cache_dir>/redis) and stops it on exit. On a loopback address with no
+admin key it uses the one saved in <cache_dir>/admin_key (making one the first time), so
+`prefix-serve upload` on the same machine finds it. SIGINT/SIGTERM drain running requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import SecretStr, ValidationError
+
+from server.config import Settings, add_settings_arguments, settings_from_args
+
+log = logging.getLogger("prefix_serve")
+ADMIN_KEY_FILE = "admin_key"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        print(f"prefix-serve serve: {_first_error(e)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    generated = settings.admin_key is None
+    if generated:
+        settings = settings.model_copy(update={"admin_key": SecretStr(local_admin_key(settings.cache_dir))})
+
+    redis_server = None
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # handler that was there before it: ours, which unwinds through the `finally` below so
+    # the owned redis-server is stopped too (the default handler would just kill us).
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        redis_url = settings.redis_url
+        if redis_url is None:
+            from prefix_store import RedisServer
+
+            redis_server = RedisServer(port=None, datadir=settings.cache_dir / "redis", appendonly=True)
+            redis_server.start()
+            redis_url = redis_server.url
+            print(f"prefix-serve: started redis-server at {redis_url} (data in {redis_server.datadir})", flush=True)
+        return _serve(settings, redis_url, generated)
+    except _Stop:
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if redis_server is not None:
+            redis_server.stop()
+
+
+class _Stop(Exception):
+    """A signal asked us to stop (after uvicorn drained, or while starting up)."""
+
+
+def _raise_stop(signum: int, _frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
+    import uvicorn
+
+    from prefix_store import PrefixStore
+    from server.api.app import create_app
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.model_loader import load_model
+
+    store = PrefixStore(redis_url)
+    if not store.ping():
+        print(f"prefix-serve: warning: Redis at {redis_url} does not answer yet; starting anyway", file=sys.stderr)
+    loaded = load_model(settings.model, settings.dtype, settings.device, settings.cache_dir)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, settings.engine_config())
+    async_engine = AsyncEngine(engine, max_waiting=settings.max_queue)
+    app = create_app(settings, async_engine, store, model_name=loaded.name)
+
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"prefix-serve: model {loaded.name} ({engine.dtype}, {engine.device}), "
+          f"{engine.pool.num_blocks} KV blocks of {settings.block_size} tokens", flush=True)
+    print(f"prefix-serve: serving on http://{host}:{settings.port}", flush=True)
+    if generated_key:
+        print(f"prefix-serve: admin key: {settings.admin_key.get_secret_value()} "
+              f"(saved in {settings.cache_dir / ADMIN_KEY_FILE})", flush=True)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        store.close()
+    return 0
+
+
+def local_admin_key(cache_dir: Path) -> str:
+    """The admin key kept in <cache_dir>/admin_key (mode 0600), created on first use."""
+    path = cache_dir / ADMIN_KEY_FILE
+    if path.exists():
+        key = path.read_text().strip()
+        if len(key) >= 16:
+            return key
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = "psa-" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = err.get("msg", str(e)).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+

@@ -1,0 +1,158 @@
+"""The host-memory tier and the resolver, as pure logic (a dict-backed stand-in for the
+store; the real store is exercised end to end in the other api tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from prefix_store import PrefixEvent, PrefixRecord, StoreUnavailableError
+from server.engine.prefix import Prefix, PrefixRef
+from server.residency import HostPrefixCache, PrefixMismatch, PrefixNotFound, PrefixResolver, PrefixUnavailable
+
+SHAPE = (2, 2, 2, 4, 8)  # one prefix: 2*2*2*4*8 float32 = 1 KiB
+
+
+def prefix(tenant: str, pid: str, version: str, fill: float = 0.0) -> Prefix:
+    return Prefix(kv=torch.full(SHAPE, fill), refs=(PrefixRef(tenant, pid, version),))
+
+
+class DictStore:
+    """get_record/get_version over a dict; `down` makes every call fail like Redis away."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], PrefixRecord] = {}
+        self.tensors: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.down = False
+        self.tensor_reads = 0
+
+    def put(self, tenant: str, pid: str, version: str, fill: float, fingerprint: str = "fp") -> None:
+        self.records[(tenant, pid)] = PrefixRecord(tenant, pid, version, 4, 2, 2, 8, "float32", 1024, 0.0, "",
+                                                   fingerprint)
+        self.tensors[(tenant, pid, version)] = torch.full(SHAPE, fill)
+
+    def get_record(self, tenant: str, pid: str) -> PrefixRecord | None:
+        if self.down:
+            raise StoreUnavailableError("down")
+        return self.records.get((tenant, pid))
+
+    def get_version(self, tenant: str, pid: str, version: str) -> torch.Tensor | None:
+        if self.down:
+            raise StoreUnavailableError("down")
+        self.tensor_reads += 1
+        time.sleep(0.05)  # a slow transfer, so concurrent requests overlap
+        return self.tensors.get((tenant, pid, version))
+
+
+def make_resolver(store: DictStore, capacity: int = 1 << 20) -> PrefixResolver:
+    return PrefixResolver(store, lambda kv, refs: Prefix(kv=kv.clone(), refs=refs), HostPrefixCache(capacity), "fp")
+
+
+def test_lru_keeps_within_its_byte_budget_and_refreshes_on_use():
+    cache = HostPrefixCache(capacity_bytes=3 * 1024)
+    a, b, c, d = (prefix("t", n, "v1") for n in "abcd")
+    for p in (a, b, c):
+        cache.put(p)
+    assert cache.get(a.key) is a  # a is now the most recent
+    cache.put(d)
+    assert cache.get(b.key) is None  # b was the least recently used
+    assert [cache.get(p.key) is p for p in (a, c, d)] == [True, True, True]
+    assert cache.nbytes == 3 * 1024 and cache.evictions == 1
+    cache.put(Prefix(kv=torch.zeros(2, 2, 2, 64, 8), refs=(PrefixRef("t", "huge", "v"),)))
+    assert len(cache) == 3  # larger than the whole budget: not kept, nothing evicted for it
+
+
+def test_drop_stale_removes_other_versions_and_compositions():
+    cache = HostPrefixCache(1 << 20)
+    old, new, other = prefix("t", "a", "v1"), prefix("t", "a", "v2"), prefix("t", "b", "v1")
+    both = Prefix(kv=torch.zeros(SHAPE), refs=old.refs + other.refs)
+    for p in (old, new, other, both):
+        cache.put(p)
+    assert cache.drop_stale("t", "a", keep_version="v2") == 2
+    assert cache.get(old.key) is None and cache.get(both.key) is None
+    assert cache.get(new.key) is new and cache.get(other.key) is other
+    assert cache.drop_stale("t", "a", keep_version=None) == 1  # a delete drops every version
+
+
+def test_resolve_loads_once_then_serves_from_memory_and_composes_in_order():
+    store = DictStore()
+    store.put("t", "a", "v1", 1.0)
+    store.put("t", "b", "v1", 2.0)
+    resolver = make_resolver(store)
+
+    async def run():
+        results = await asyncio.gather(*(resolver.resolve("t", ["a"]) for _ in range(8)))
+        composed = await resolver.resolve("t", ["a", "b"])
+        return results, composed
+
+    results, composed = asyncio.run(run())
+    assert all(r is results[0] for r in results)
+    assert store.tensor_reads == 2  # "a" once for 8 concurrent requests, then "b"
+    assert [r.prefix_id for r in composed.refs] == ["a", "b"]
+    assert composed.kv[:, :, :, :4].eq(1.0).all() and composed.kv[:, :, :, 4:].eq(2.0).all()
+
+
+def test_new_version_is_loaded_and_store_outage_falls_back_to_resident_copy():
+    store = DictStore()
+    store.put("t", "a", "v1", 1.0)
+    store.put("t", "cold", "v1", 3.0)
+    resolver = make_resolver(store)
+    first = asyncio.run(resolver.resolve("t", ["a"]))
+    store.put("t", "a", "v2", 5.0)  # replaced, no event delivered: the version check still sees it
+    second = asyncio.run(resolver.resolve("t", ["a"]))
+    assert second.refs[0].version == "v2" and second.kv.eq(5.0).all() and first.kv.eq(1.0).all()
+    store.down = True
+    assert asyncio.run(resolver.resolve("t", ["a"])) is second  # the version last seen
+    with pytest.raises(PrefixUnavailable, match="unreachable"):
+        asyncio.run(resolver.resolve("t", ["cold"]))
+
+
+def test_events_drop_stale_copies_so_an_outage_never_serves_them():
+    store = DictStore()
+    store.put("t", "a", "v1", 1.0)
+    resolver = make_resolver(store)
+    asyncio.run(resolver.resolve("t", ["a"]))
+    resolver.on_event(PrefixEvent("delete", "t", "a", "v1"))
+    store.down = True
+    with pytest.raises(PrefixUnavailable):
+        asyncio.run(resolver.resolve("t", ["a"]))
+
+
+def test_unknown_shared_and_mismatched_prefixes():
+    store = DictStore()
+    store.put("admin", "house", "v1", 1.0)
+    store.put("t", "other-model", "v1", 1.0, fingerprint="zz")
+    resolver = make_resolver(store)
+    with pytest.raises(PrefixNotFound):
+        asyncio.run(resolver.resolve("t", ["nope"]))
+    with pytest.raises(PrefixNotFound):
+        asyncio.run(resolver.resolve("t", ["house"]))  # the admin's, but not shared by that name
+    assert asyncio.run(resolver.resolve("t", ["shared/house"])).refs[0].tenant == "admin"
+    resolver.shared_prefixes = False
+    with pytest.raises(PrefixNotFound, match="turned off"):
+        asyncio.run(resolver.resolve("t", ["shared/house"]))
+    with pytest.raises(PrefixMismatch, match="fingerprint zz"):
+        asyncio.run(resolver.resolve("t", ["other-model"]))
+
+
+def test_cache_is_safe_to_drop_from_another_thread():
+    cache = HostPrefixCache(1 << 30)
+    stop = threading.Event()
+
+    def dropper():
+        while not stop.is_set():
+            cache.drop_stale("t", "p0", None)
+
+    thread = threading.Thread(target=dropper)
+    thread.start()
+    try:
+        for i in range(2000):
+            cache.put(prefix("t", f"p{i % 5}", f"v{i}"))
+    finally:
+        stop.set()
+        thread.join()
+    assert cache.nbytes == sum(p.nbytes for p in cache._entries.values())

@@ -1,0 +1,87 @@
+"""Tenants and API keys: keys are shown once and stored only as hashes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from prefix_store.errors import InvalidIdError, TenantExistsError
+from tests.prefix_store.helpers import FINGERPRINT, make_kv, namespace_keys
+
+
+def all_stored_bytes(raw, namespace: str) -> bytes:
+    """Every key name, hash field and value under the namespace, concatenated."""
+    out = []
+    for key in namespace_keys(raw, namespace):
+        out.append(key)
+        kind = raw.type(key)
+        if kind == b"hash":
+            for field, value in raw.hgetall(key).items():
+                out += [field, value]
+        elif kind == b"string":
+            out.append(raw.get(key))
+        else:
+            raise AssertionError(f"unexpected {kind} key {key!r}")
+    return b"\n".join(out)
+
+
+def test_create_tenant_returns_a_key_that_maps_back(store):
+    key = store.create_tenant("acme")
+    assert key.startswith("ps-") and len(key) == 35
+    assert store.tenant_for_key(key) == "acme"
+    other = store.create_tenant("globex")
+    assert other != key and store.tenant_for_key(other) == "globex"
+    assert store.list_tenants() == ["acme", "globex"]
+    assert store.tenant_exists("acme") and not store.tenant_exists("initech")
+
+
+@pytest.mark.parametrize("guess", ["", "ps-", "nope", None, 42])
+def test_unknown_or_malformed_keys_map_to_nobody(store, guess):
+    key = store.create_tenant("acme")
+    assert store.tenant_for_key(guess) is None
+    assert store.tenant_for_key(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+
+
+def test_api_keys_are_stored_only_hashed(store, raw):
+    key = store.create_tenant("acme")
+    stored = all_stored_bytes(raw, store.keys.namespace)
+    assert key.encode() not in stored
+    assert key[3:].encode() not in stored  # nor its random part alone
+    assert hashlib.sha256(key.encode()).hexdigest().encode() in stored
+
+
+def test_creating_an_existing_tenant_fails_and_keeps_its_key(store):
+    key = store.create_tenant("acme")
+    with pytest.raises(TenantExistsError, match="acme"):
+        store.create_tenant("acme")
+    assert store.tenant_for_key(key) == "acme"
+
+
+def test_invalid_tenant_ids_write_nothing(store, raw):
+    with pytest.raises(InvalidIdError, match="'Bad Tenant'"):
+        store.create_tenant("Bad Tenant")
+    assert namespace_keys(raw, store.keys.namespace) == []
+
+
+def test_rotate_key(store):
+    old = store.create_tenant("acme")
+    new = store.rotate_key("acme")
+    assert new != old
+    assert store.tenant_for_key(old) is None and store.tenant_for_key(new) == "acme"
+    assert store.rotate_key("initech") is None
+
+
+def test_delete_tenant_removes_its_key_and_prefixes_only(store, raw):
+    key = store.create_tenant("acme")
+    other = store.create_tenant("globex")
+    store.put("acme", "p", make_kv(0), model_fingerprint=FINGERPRINT)
+    store.put("acme", "p", make_kv(1), model_fingerprint=FINGERPRINT)  # an old version in grace too
+    store.put("globex", "p", make_kv(2), model_fingerprint=FINGERPRINT)
+    assert store.delete_tenant("acme") is True
+    assert store.tenant_for_key(key) is None and store.list("acme") == []
+    assert store.list_tenants() == ["globex"]
+    left = [k.decode() for k in namespace_keys(raw, store.keys.namespace)]
+    assert not [k for k in left if "{t:acme}" in k]
+    assert store.tenant_for_key(other) == "globex" and store.get("globex", "p") is not None
+    assert store.delete_tenant("acme") is False
