@@ -7,13 +7,14 @@ Semantics (per request b, per new token j of its q_b tokens, per query head h):
     out[b, j, h] = softmax(scale * q . keys[allowed]^T) @ values[allowed]
     with kv head h // (H // Hkv) (grouped-query attention)
 
-The plan gathers each request's rows once per step (shared by every layer): decode
-requests (one new token) run as one batched attention; prefill chunks run one each.
+The plan gathers each request's rows once per step (shared by every layer) and batches
+requests with the same number of new tokens: all decodes together, prefill chunks of
+equal length together.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,11 +23,19 @@ from kernels.attention_metadata import AttentionMetadata
 
 @dataclass
 class _Group:
-    token_index: torch.Tensor  # [G * q] packed query rows of this group
-    gather: torch.Tensor  # [G, max_kv] pool rows (padded rows point at row 0)
-    mask: torch.Tensor  # [G, 1, q, max_kv] bool, True = attend
-    num_rows: int  # G
+    token_index: torch.Tensor  # [R * q] packed query rows of this group
+    gather: torch.Tensor  # [R * max_kv] pool rows, row-major (padding points at row 0)
+    mask: torch.Tensor  # [R, 1, q, max_kv] bool, True = attend
+    num_rows: int  # R
     q_len: int  # q (1 for the decode group)
+    masked_out: dict = field(default_factory=dict)  # query heads per kv head -> ~mask [R, 1, G*q, L]
+
+    def blocked(self, group: int) -> torch.Tensor:
+        """Where attention is not allowed, with each mask row repeated for the G query heads
+        that share a kv head (built once per step, reused by every layer)."""
+        if group not in self.masked_out:
+            self.masked_out[group] = ~self.mask.repeat(1, 1, group, 1)
+        return self.masked_out[group]
 
 
 def _slots(blocks: list[int], length: int, block_size: int) -> list[int]:
@@ -34,31 +43,26 @@ def _slots(blocks: list[int], length: int, block_size: int) -> list[int]:
 
 
 def build_plan(meta: AttentionMetadata, device: torch.device) -> list[_Group]:
-    groups: list[_Group] = []
+    """One group per distinct q_len (all decodes share q_len 1): requests in a group run as
+    one batched attention, their key rows padded to the group's longest context."""
     starts = [0]
     for q in meta.q_lens_host:
         starts.append(starts[-1] + q)
-    decode = [b for b, q in enumerate(meta.q_lens_host) if q == 1]
-    if decode:
+    by_q_len: dict[int, list[int]] = {}
+    for b, q in enumerate(meta.q_lens_host):
+        by_q_len.setdefault(q, []).append(b)
+    groups = []
+    for q, members in sorted(by_q_len.items()):
         rows = [_slots(meta.prefix_blocks_host[b], meta.prefix_lens_host[b], meta.block_size)
-                + _slots(meta.own_blocks_host[b], meta.seq_lens_host[b], meta.block_size) for b in decode]
+                + _slots(meta.own_blocks_host[b], meta.seq_lens_host[b], meta.block_size) for b in members]
         width = max(len(r) for r in rows)
         gather = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-        lens = torch.tensor([len(r) for r in rows])
-        mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
-        groups.append(_Group(torch.tensor([starts[b] for b in decode], dtype=torch.long).to(device),
-                             gather.to(device), mask.to(device), len(decode), 1))
-    for b, q in enumerate(meta.q_lens_host):
-        if q == 1:
-            continue
-        row = (_slots(meta.prefix_blocks_host[b], meta.prefix_lens_host[b], meta.block_size)
-               + _slots(meta.own_blocks_host[b], meta.seq_lens_host[b], meta.block_size))
-        ctx = len(row)
-        j = torch.arange(q)[:, None]
-        k = torch.arange(ctx)[None, :]
-        mask = (k <= ctx - q + j)[None, None]
-        groups.append(_Group(torch.arange(starts[b], starts[b] + q).to(device),
-                             torch.tensor([row], dtype=torch.long).to(device), mask.to(device), 1, q))
+        ctx = torch.tensor([len(r) for r in rows])[:, None, None]  # [R, 1, 1]
+        j = torch.arange(q)[None, :, None]  # [1, q, 1] new token j of the request's q
+        k = torch.arange(width)[None, None, :]  # [1, 1, L]
+        mask = (k <= ctx - q + j)[:, None]  # [R, 1, q, L]: prefix, own tokens up to j, no padding
+        token_index = torch.tensor([starts[b] + i for b in members for i in range(q)], dtype=torch.long)
+        groups.append(_Group(token_index.to(device), gather.view(-1).to(device), mask.to(device), len(members), q))
     return groups
 
 
@@ -90,11 +94,11 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # [R, Hkv, G*q, hd]: query heads grouped under the kv head they read, (G, q) flattened
         qg = (q.index_select(0, g.token_index).view(r, n, num_kv_heads, group, head_dim)
               .permute(0, 2, 3, 1, 4).reshape(r, num_kv_heads, group * n, head_dim))
-        kg = k_flat[g.gather].to(q.dtype).permute(0, 2, 1, 3)  # [R, Hkv, L, hd]
-        vg = v_flat[g.gather].to(q.dtype).permute(0, 2, 1, 3)
-        scores = torch.matmul(qg, kg.transpose(-1, -2)).float() * scale  # [R, Hkv, G*q, L]
-        mask = g.mask if group == 1 else g.mask.repeat(1, 1, group, 1)  # [R, 1, G*q, L]
-        scores.masked_fill_(~mask, float("-inf"))
+        kg = k_flat.index_select(0, g.gather).view(r, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        vg = v_flat.index_select(0, g.gather).view(r, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        kg, vg = kg.to(q.dtype), vg.to(q.dtype)  # [R, Hkv, L, hd]
+        scores = torch.matmul(qg, kg.transpose(-1, -2)).float().mul_(scale)  # [R, Hkv, G*q, L]
+        scores.masked_fill_(g.blocked(group), float("-inf"))
         og = torch.matmul(scores.softmax(dim=-1).to(q.dtype), vg)  # [R, Hkv, G*q, hd]
         og = og.view(r, num_kv_heads, group, n, head_dim).permute(0, 3, 1, 2, 4)  # [R, q, Hkv, G, hd]
         out.index_copy_(0, g.token_index, og.reshape(r * n, num_heads, head_dim))
