@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 if [ "${PREFIX_SERVE_SETUP_PROMETHEUS:-1}" = 1 ]; then
   command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 fi
@@ -16,7 +17,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
   # The Debian packages start system services; prefix-serve starts its own on loopback.
-  $SUDO systemctl disable --now redis-server prometheus >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now redis-server prometheus haproxy >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}

@@ -4,6 +4,8 @@ With no --redis-url it starts and owns a local redis-server (loopback only, appe
 file on, data under <cache_dir>/redis) and stops it on exit. On a loopback address with no
 admin key it uses the one saved in <cache_dir>/admin_key (making one the first time), so
 `prefix-serve upload` on the same machine finds it. SIGINT/SIGTERM drain running requests.
+With its own Redis (or --workers N) it also runs personalization training workers as child
+processes (`prefix-serve worker`), restarted if they die, stopped with the server.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"admin_key": SecretStr(local_admin_key(settings.cache_dir))})
 
     redis_server = None
+    supervisor = None
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handler that was there before it: ours, which unwinds through the `finally` below so
     # the owned redis-server is stopped too (the default handler would just kill us).
@@ -53,14 +56,34 @@ def run(args: argparse.Namespace) -> int:
             redis_server.start()
             redis_url = redis_server.url
             print(f"prefix-serve: started redis-server at {redis_url} (data in {redis_server.datadir})", flush=True)
+        supervisor = _start_workers(settings, redis_url, owns_redis=redis_server is not None)
         return _serve(settings, redis_url, generated)
     except _Stop:
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if supervisor is not None:
+            supervisor.stop()  # before Redis: a stopping worker gives its job back to the queue
         if redis_server is not None:
             redis_server.stop()
+
+
+def _start_workers(settings: Settings, redis_url: str, owns_redis: bool):
+    """Training worker processes (personalization jobs) beside the server; None for none."""
+    count = settings.workers if settings.workers is not None else (1 if owns_redis else 0)
+    if count == 0:
+        return None
+    from server.training.supervisor import WorkerSupervisor
+
+    args = ["--device", settings.device, "--cache-dir", str(settings.cache_dir),
+            "--claim-timeout", str(settings.job_claim_timeout_s), "--max-attempts", str(settings.job_max_attempts),
+            "--nice", "10",  # serving latency first
+            "--log-level", "error" if settings.log_level == "critical" else settings.log_level]
+    if settings.model:
+        args += ["--model", settings.model]
+    # the url goes by environment, not argv: it may hold a password and argv is world-readable
+    return WorkerSupervisor(args, count, env={"PREFIX_SERVE_REDIS_URL": redis_url}).start()
 
 
 class _Stop(Exception):

@@ -1,0 +1,208 @@
+"""The personalization worker: claims jobs from the Redis queue, trains, publishes `user:<id>`.
+
+It runs in its own process (`prefix-serve worker`), never in the serving loop, with its
+own copy of the base model (float32 is fine for training; the server may serve another
+dtype of the same weights).
+
+    loop: job = queue.claim()
+          examples, task prefix (if any) <- the job's spec, the store
+          train_prefix(progress=lease.on_step)   # progress, loss, cancel, heartbeat
+          store.put(tenant, "user:<user_id>", kv)  # atomic: the old version serves until here
+          queue.finish(job, succeeded)
+
+# NOTE: nothing is published unless the whole job ran and this worker still holds the
+# job's lease right before the put; a cancelled, failed, stopped or taken-over job
+# publishes nothing. A background thread heartbeats while a job runs, so a slow step
+# (or model work between steps) never makes a live worker look dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prefix_store import PrefixStore, StoreUnavailableError
+from prefix_store.job import Job, JobStatus, LeaseState
+from prefix_store.jobs import JobQueue
+from server.engine.model_loader import model_fingerprint
+from server.residency import USER_PREFIX
+from server.training.data import Example, tokenize
+from server.training.prefix_forward import model_spec
+from server.training.trainer import TrainConfig, train_prefix
+
+log = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """The job cannot run as asked (its message becomes the job's error)."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    consumer: str  # this worker's name in the consumer group (unique per process)
+    mid_dim: int = 512  # width of the MLP reparameterization
+    batch_size: int = 8  # examples per step
+    heartbeat_s: float = 5.0  # lease refresh while a job runs; well under the claim timeout
+    progress_every_s: float = 0.25  # how often progress and loss are written
+    idle_block_ms: int = 1000  # how long one claim waits for a job
+
+
+def serving_fingerprints(model: torch.nn.Module) -> set[str]:
+    """The fingerprints a server gives these weights in each dtype it may serve them in."""
+    return {model_fingerprint(_CastView(model, dtype)) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+class _CastView:
+    """`model` as model_fingerprint sees it, with its weights cast to `dtype`. Only the
+    first values of each parameter are hashed, so only those are cast (no model copy)."""
+
+    HEAD = 1 << 16
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.config = model.config
+        self._model, self._dtype = model, dtype
+
+    def named_parameters(self):
+        for name, p in self._model.named_parameters():
+            yield name, p.detach().flatten()[:self.HEAD].to(self._dtype)
+
+
+class Worker:
+    def __init__(self, model: torch.nn.Module, tokenizer, queue: JobQueue, store: PrefixStore, config: WorkerConfig):
+        self.model, self.tokenizer, self.queue, self.store, self.config = model, tokenizer, queue, store, config
+        self.spec = model_spec(model)
+        self.fingerprints = serving_fingerprints(model)
+        self.stop_requested = threading.Event()  # set by SIGTERM: finish the loop, give the job back
+
+    def run(self) -> None:
+        log.info("worker %s: waiting for jobs", self.config.consumer)
+        while not self.stop_requested.is_set():
+            try:
+                job = self.queue.claim(self.config.consumer, self.config.idle_block_ms)
+                if job is not None:
+                    self.run_job(job)
+            except StoreUnavailableError as e:
+                # The job (if any) stays pending; it is taken over once Redis is back.
+                log.warning("worker %s: %s; retrying", self.config.consumer, e)
+                self.stop_requested.wait(1.0)
+        log.info("worker %s: stopped", self.config.consumer)
+
+    def run_job(self, job: Job) -> JobStatus | None:
+        """Run one claimed job to its end; the status recorded (None: given back or lost)."""
+        log.info("job %s (tenant %s, user %s): attempt %d", job.job_id, job.tenant, job.user_id, job.attempts)
+        lease = _Lease(self.queue, job, self.config, self.stop_requested)
+        try:
+            try:
+                data, config, task_kv, fingerprint, description = self._plan(job)
+                result = train_prefix(self.model, data, config, tokenizer=self.tokenizer, task_kv=task_kv,
+                                      progress=lease.on_step)
+            finally:
+                lease.close()
+        except (JobError, ValueError, FloatingPointError) as e:
+            return self._finish(job, JobStatus.FAILED, error=str(e))
+        except StoreUnavailableError:
+            raise
+        except Exception as e:  # a bug must not kill the worker: the job says what happened
+            log.exception("job %s failed", job.job_id)
+            return self._finish(job, JobStatus.FAILED, error=f"internal error in the worker ({type(e).__name__}: {e})")
+
+        state = lease.state if lease.state != LeaseState.ACTIVE else self.queue.heartbeat(job, self.config.consumer)
+        if state == LeaseState.LOST:
+            log.warning("job %s: another worker took it over; dropping this attempt", job.job_id)
+            return None
+        if state == LeaseState.CANCEL_REQUESTED:
+            return self._finish(job, JobStatus.CANCELLED)
+        if result.cancelled:  # stopped by SIGTERM: another worker runs it again
+            self.queue.release(job)
+            log.info("job %s: given back to the queue", job.job_id)
+            return None
+        description += f"; final loss {result.losses[-1]:.4f}"
+        record, _ = self.store.put(job.tenant, USER_PREFIX + job.user_id, result.kv,
+                                   model_fingerprint=fingerprint, description=description)
+        return self._finish(job, JobStatus.SUCCEEDED, prefix_id=record.prefix_id, version=record.version)
+
+    def _finish(self, job: Job, status: JobStatus, **kw: Any) -> JobStatus | None:
+        if not self.queue.finish(job, status, **kw):
+            log.warning("job %s: lease lost before it could be marked %s", job.job_id, status.value)
+            return None
+        log.info("job %s: %s%s", job.job_id, status.value, f" ({kw['error']})" if kw.get("error") else "")
+        return status
+
+    def _plan(self, job: Job):
+        """(tokenized examples, TrainConfig, task kv or None, fingerprint, description) for a job."""
+        spec = job.spec
+        fingerprint = spec.get("model_fingerprint")
+        if fingerprint not in self.fingerprints:
+            raise JobError(f"the server that queued this job serves base model {fingerprint}, but this worker "
+                           f"loaded another one; start the worker with the server's --model")
+        examples = [Example(e["prompt"], e["completion"]) for e in spec["examples"]]
+        base = spec.get("base_prefix")
+        task_kv, base_name = None, None
+        if base is not None:
+            task_kv, base_name = self._task_prefix(base, fingerprint)
+        config = TrainConfig(num_virtual_tokens=spec["num_virtual_tokens"], steps=spec["steps"],
+                             learning_rate=spec["learning_rate"], batch_size=min(self.config.batch_size, len(examples)),
+                             mid_dim=self.config.mid_dim, init_text=spec.get("init_text"),
+                             max_length=self.spec.max_model_len, seed=int(spec.get("seed", 0)))
+        data = tokenize(self.tokenizer, examples, config.max_length)
+        description = (f"personalized for user {job.user_id} by job {job.job_id}: {len(examples)} examples, "
+                       f"{config.steps} steps" + (f", after task prefix {base_name}" if base_name else ""))
+        return data, config, task_kv, fingerprint, description
+
+    def _task_prefix(self, base: dict, fingerprint: str) -> tuple[torch.Tensor, str]:
+        name = base["name"]
+        found = self.store.get(base["tenant"], base["prefix_id"])
+        if found is None:
+            raise JobError(f"base prefix {name!r} was deleted before the job ran")
+        record, kv = found
+        if record.model_fingerprint != fingerprint:
+            raise JobError(f"base prefix {name!r} was made for base model {record.model_fingerprint}, "
+                           f"not {fingerprint}")
+        if tuple(kv.shape) != self.spec.kv_shape(record.num_virtual_tokens):
+            raise JobError(f"base prefix {name!r} has shape {tuple(kv.shape)}; this model needs "
+                           f"{self.spec.kv_shape(record.num_virtual_tokens)}")
+        return kv.float(), f"{name}@{record.version}"
+
+
+class _Lease:
+    """Keeps a running job's lease: heartbeats on a thread, progress from the trainer's callback."""
+
+    def __init__(self, queue: JobQueue, job: Job, config: WorkerConfig, stop: threading.Event):
+        self.queue, self.job, self.config, self.stop = queue, job, config, stop
+        self.state = LeaseState.ACTIVE
+        self._last_report = 0.0
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=f"lease-{job.job_id}", daemon=True)
+        self._thread.start()
+
+    def on_step(self, step: int, total: int, loss: float) -> bool:
+        """The trainer's progress callback: report (throttled; the last step always), go on?"""
+        now = time.monotonic()
+        if step == total or now - self._last_report >= self.config.progress_every_s:
+            self._last_report = now
+            self._beat(step=step, total=total, loss=loss)
+        return self.state == LeaseState.ACTIVE and not self.stop.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+    def _keep(self) -> None:
+        while not self._closed.wait(self.config.heartbeat_s):
+            self._beat()
+
+    def _beat(self, **progress: Any) -> None:
+        try:
+            state = self.queue.heartbeat(self.job, self.config.consumer, **progress)
+        except StoreUnavailableError as e:
+            # Train on: if Redis stays away past the claim timeout another worker takes over
+            # and this attempt finds its lease lost when it reports again.
+            log.warning("job %s: heartbeat failed: %s", self.job.job_id, e)
+            return
+        if state == LeaseState.LOST or self.state == LeaseState.ACTIVE:
+            self.state = state  # LOST wins over a cancel request
