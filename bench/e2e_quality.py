@@ -1,7 +1,7 @@
 """E2E table-to-text quality: a task prefix for SmolLM2 trained on CPU, against prompting.
 
-    .venv/bin/python bench/e2e_quality.py                 # ~30 min CPU training budget
-    .venv/bin/python bench/e2e_quality.py --quick         # smoke run: a few steps, 5 inputs
+    .venv/bin/python bench/e2e_quality.py --time-budget 20   # training stops after 20 min
+    .venv/bin/python bench/e2e_quality.py --quick            # smoke run: a few steps, 5 inputs
 
 Data: ../shared/data/e2e/devset.csv (E2E dev set, mr -> several human refs). Its meaning
 representations are shuffled with a fixed seed; --val-mrs of them are held out for
@@ -10,14 +10,17 @@ Systems, all greedy, scored by multi-reference BLEU (sacrebleu) on the held-out 
   zero_shot   the base model on the table prompt alone (stops at a newline)
   three_shot  3 training examples (prompt + reference) before the table prompt
   prefix      the trained task prefix, served by prefix-serve's engine
-Training stops at --steps or when the --minutes budget is spent (via the progress
-callback), whichever is first. Writes bench/results/e2e_quality.json and prints a table.
+Training stops at --steps or when the --time-budget (minutes of wall-clock training) is
+spent (via the progress callback), whichever is first; the linear schedule is laid out
+for --steps, so a run cut by the budget ends at a learning rate above 0. Writes
+bench/results/e2e_quality.json and a markdown table in bench/results/e2e_quality.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -54,17 +57,21 @@ def few_shot_text(train: list[Example], shots: int, seed: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(E2E))
-    ap.add_argument("--val-mrs", type=int, default=100)
-    ap.add_argument("--minutes", type=float, default=30.0, help="training time budget")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--val-mrs", type=int, default=50, help="meaning representations held out for validation")
+    ap.add_argument("--time-budget", "--minutes", dest="minutes", type=float, default=20.0,
+                    help="training time budget in minutes (wall clock)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="schedule length; 0 = fit it to the time budget from a 3-step timing probe")
     ap.add_argument("--batch-size", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--num-virtual-tokens", type=int, default=10)
     ap.add_argument("--init-text", default="table-to-text:")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default=None, help="default: bench/results/e2e_quality.json (quick: a temp file)")
+    ap.add_argument("--out", default=None, help="default: bench/results/e2e_quality.json (quick: a temp file); "
+                                                "the markdown table goes beside it (.md)")
+    ap.add_argument("--note", default="", help="a line about the machine, recorded with the results")
     ap.add_argument("--prefix-out", default=None, help="also keep the trained prefix as a PEFT folder")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 5 validation mrs")
     args = ap.parse_args()
@@ -90,10 +97,18 @@ def main() -> None:
     score("zero_shot", stop=("\n",))
     score("three_shot", stop=("\n",), prompt_prefix=few_shot_text(train, 3, args.seed))
 
-    config = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, steps=args.steps, learning_rate=args.lr,
+    data = tokenize(tok, train, TrainConfig().max_length)
+    steps, step_seconds = args.steps, None
+    if steps <= 0:  # lay the linear schedule out over the budget: time a few steps first
+        probe = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, steps=3, learning_rate=args.lr,
+                            batch_size=args.batch_size, init_text=args.init_text, seed=args.seed + 1)
+        timing = train_prefix(model, data, probe, tokenizer=tok)
+        step_seconds = timing.seconds / timing.steps_done
+        steps = max(10, int(args.minutes * 60 * 0.95 / step_seconds))
+        print(f"  timing probe: {step_seconds:.2f} s/step -> {steps} steps in {args.minutes:g} min", flush=True)
+    config = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, steps=steps, learning_rate=args.lr,
                          batch_size=args.batch_size, init_text=args.init_text, seed=args.seed,
-                         warmup_steps=min(50, args.steps // 10))
-    data = tokenize(tok, train, config.max_length)
+                         warmup_steps=min(50, steps // 10))
     deadline = time.monotonic() + args.minutes * 60
 
     def progress(step: int, total: int, loss: float) -> bool:
@@ -110,22 +125,66 @@ def main() -> None:
         "examples_seen": result.steps_done * config.batch_size, "train_examples": len(train),
         "first_loss": round(result.losses[0], 4), "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
         "prefix_bytes_float32": result.kv.numel() * 4, "prefix_shape": list(result.kv.shape),
-        "stopped_by_time_budget": result.cancelled,
+        "stopped_by_time_budget": result.cancelled, "probe_seconds_per_step": step_seconds,
     })
     summary = {
         "model": loaded.name, "data": args.data, "val_mrs": len(groups), "train_mrs": len({e.prompt for e in train}),
+        "train_examples": len(train), "max_tokens": args.max_tokens, "time_budget_minutes": args.minutes,
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "quick": args.quick,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "note": args.note},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n| system | BLEU |\n| --- | --- |")
-    for name, r in results.items():
-        print(f"| {name} | {r['bleu']:.2f} |")
-    print(f"\ntraining {result.steps_done} steps in {result.seconds:.0f}s; prefix {result.kv.numel() * 4} bytes; "
-          f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    out.with_suffix(".md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
+
+def markdown(summary: dict) -> str:
+    """The results as a short markdown page (bench/results/e2e_quality.md)."""
+    r = summary["results"]
+    p = r["prefix"]
+    c = summary["config"]
+    names = {"zero_shot": "base model, zero-shot", "three_shot": "base model, 3-shot prompt",
+             "prefix": f"base model + trained task prefix ({c['num_virtual_tokens']} virtual tokens), served by the engine"}
+    lines = [
+        f"# E2E table-to-text: {summary['model']}",
+        "",
+        f"Validation: {summary['val_mrs']} held-out meaning representations of the E2E dev set (all their "
+        f"references, multi-reference sacrebleu BLEU); training: the other {summary['train_mrs']} "
+        f"({summary['train_examples']} examples). Greedy, at most {summary['max_tokens']} tokens, stop at a newline.",
+        "",
+        "| system | BLEU | generation time |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {names.get(k, k)} | {v['bleu']:.2f} | {v['generation_seconds']:.0f} s |" for k, v in r.items()]
+    m = summary["machine"]
+    lines += [
+        "",
+        f"Prefix training: {p['steps']} steps of batch {c['batch_size']} ({p['examples_seen']} examples, "
+        f"{p['examples_seen'] / max(1, summary['train_examples']):.2f} epochs) in {p['train_seconds'] / 60:.1f} min"
+        + (f", stopped by the {summary['time_budget_minutes']:g}-minute time budget" if p["stopped_by_time_budget"] else "")
+        + (f" (schedule length from a 3-step timing probe at {p['probe_seconds_per_step']:.2f} s/step against the "
+           f"{summary['time_budget_minutes']:g}-minute budget)" if p.get("probe_seconds_per_step") else "")
+        + f"; AdamW lr {c['learning_rate']:g} (linear warmup {c['warmup_steps']} steps, linear decay over "
+        f"{c['steps']} steps), MLP reparameterization (mid_dim {c['mid_dim']}) started at the words "
+        f"{c['init_text']!r}. Loss {p['first_loss']:.3f} -> {p['final_loss']:.3f} (mean of the last 20 steps).",
+        "",
+        f"Prefix size: {p['prefix_bytes_float32']:,} bytes in float32, kv shape {p['prefix_shape']} "
+        "([layers, 2, kv heads, virtual tokens, head dim]).",
+        "",
+        f"Machine: {m['cores']} CPU cores ({m['cpu']}), {m['torch_threads']} torch threads, float32."
+        + (f" {m['note']}" if m.get("note") else ""),
+        "",
+        "Samples (first validation input):",
+        "",
+    ]
+    lines += [f"- {names.get(k, k)}: {v['sample'][0]!r}" for k, v in r.items() if v.get("sample")]
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

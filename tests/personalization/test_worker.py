@@ -1,0 +1,118 @@
+"""The worker on a real Redis: what it publishes (nothing, unless the whole job ran), how
+it refuses jobs it cannot run, and `prefix-serve worker` stopping on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from prefix_store import PrefixStore
+from prefix_store.job import JobStatus
+from prefix_store.jobs import JobQueue
+from server.engine.model_loader import model_fingerprint
+from server.training.worker import Worker, WorkerConfig, serving_fingerprints
+from tests.personalization.conftest import ROOT, wait_for
+from tests.prefix_store.helpers import unique_namespace
+from tests.training.conftest import MEMORY_EXAMPLES, make_byte_tokenizer, make_tiny_llama
+
+EXAMPLES = [{"prompt": p, "completion": c} for p, c in MEMORY_EXAMPLES]
+
+
+def job_spec(fingerprint: str, steps: int = 5, base_prefix: dict | None = None) -> dict:
+    return {"examples": EXAMPLES, "num_virtual_tokens": 4, "steps": steps, "learning_rate": 5e-3,
+            "init_text": None, "seed": 0, "base_prefix": base_prefix, "model_fingerprint": fingerprint}
+
+
+@pytest.fixture()
+def parts(redis_server):
+    namespace = unique_namespace()
+    model = make_tiny_llama()
+    queue = JobQueue(redis_server.url, namespace)
+    store = PrefixStore(redis_server.url, namespace=namespace)
+    worker = Worker(model, make_byte_tokenizer(), queue, store, WorkerConfig(consumer="w1", mid_dim=32))
+    yield worker, queue, store, model_fingerprint(model)
+    queue.close()
+    store.close()
+
+
+def test_serving_fingerprints_cover_the_same_weights_in_other_dtypes():
+    model = make_tiny_llama()
+    fingerprints = serving_fingerprints(model)
+    assert model_fingerprint(model) in fingerprints
+    assert model_fingerprint(make_tiny_llama().to(torch.bfloat16)) in fingerprints  # a bf16 server
+    assert model_fingerprint(make_tiny_llama(seed=1)) not in fingerprints  # other weights
+
+
+def test_a_finished_job_publishes_the_user_prefix(parts):
+    worker, queue, store, fingerprint = parts
+    job_id = queue.submit("acme", "ada", job_spec(fingerprint))
+    assert worker.run_job(queue.claim("w1")) == JobStatus.SUCCEEDED
+    record, kv = store.get("acme", "user:ada")
+    assert kv.shape == (2, 2, 2, 4, 16) and record.model_fingerprint == fingerprint
+    assert queue.get("acme", job_id).version == record.version
+
+
+def test_a_job_for_other_weights_fails_and_publishes_nothing(parts):
+    worker, queue, store, _ = parts
+    job_id = queue.submit("acme", "ada", job_spec("0123456789abcdef"))
+    assert worker.run_job(queue.claim("w1")) == JobStatus.FAILED
+    job = queue.get("acme", job_id)
+    assert "serves base model 0123456789abcdef" in job.error and "--model" in job.error
+    assert store.get_record("acme", "user:ada") is None
+
+
+def test_a_deleted_base_prefix_fails_the_job(parts):
+    worker, queue, store, fingerprint = parts
+    base = {"name": "task", "tenant": "acme", "prefix_id": "task"}
+    job_id = queue.submit("acme", "ada", job_spec(fingerprint, base_prefix=base))
+    assert worker.run_job(queue.claim("w1")) == JobStatus.FAILED
+    assert "base prefix 'task' was deleted before the job ran" in queue.get("acme", job_id).error
+
+
+def test_a_stopping_worker_gives_the_job_back(parts):
+    worker, queue, store, fingerprint = parts
+    job_id = queue.submit("acme", "ada", job_spec(fingerprint, steps=100_000))
+    claimed = queue.claim("w1")
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_job(claimed)))
+    thread.start()
+    wait_for(lambda: queue.get("acme", job_id).step > 0, 60, "training to start")
+    worker.stop_requested.set()  # what SIGTERM does
+    thread.join(60)
+    assert outcome == [None]
+    job = queue.get("acme", job_id)
+    assert (job.status, job.attempts, job.progress) == (JobStatus.QUEUED, 0, 0.0)
+    assert store.get_record("acme", "user:ada") is None
+
+
+def test_worker_command_stops_on_sigterm_and_requeues_its_job(redis_server, tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    make_tiny_llama().save_pretrained(model_dir)
+    make_byte_tokenizer().save_pretrained(model_dir)
+    namespace = unique_namespace()
+    queue = JobQueue(redis_server.url, namespace)
+    job_id = queue.submit("acme", "ada", job_spec(model_fingerprint(make_tiny_llama()), steps=100_000))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--model", str(model_dir),
+                             "--redis-url", redis_server.url, "--namespace", namespace, "--consumer", "cli-worker",
+                             "--device", "cpu", "--mid-dim", "32", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    try:
+        wait_for(lambda: proc.poll() is not None or queue.get("acme", job_id).step > 0, 120, "the worker to train")
+        assert proc.poll() is None, proc.stdout.read()
+        assert queue.get("acme", job_id).worker == "cli-worker"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        job = queue.get("acme", job_id)
+        assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)  # another worker runs it from the start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        queue.close()
