@@ -199,6 +199,17 @@ class JobQueue:
         with self._guard():
             return int(self._r.scard(self.active_key(tenant)))
 
+    def status_counts(self) -> dict[str, int]:
+        """Jobs waiting for a worker ("queued": stream entries not yet delivered to the group,
+        cancelled ones included until a worker skips them) and leased to one ("running":
+        delivered, not yet acknowledged). For metrics; finished jobs are counted by workers."""
+        with self._guard():
+            self._ensure_group()
+            for group in self._r.xinfo_groups(self.stream):
+                if _text(group.get("name")) == self.group:
+                    return {"queued": int(group.get("lag") or 0), "running": int(group.get("pending") or 0)}
+        return {"queued": 0, "running": 0}
+
     # ---- the worker's side ---------------------------------------------------------------
 
     def claim(self, consumer: str, block_ms: int = MAX_BLOCK_MS) -> Job | None:

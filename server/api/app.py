@@ -73,5 +73,6 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     ctx.metrics.watch_host_cache(resolver.cache)
     ctx.metrics.watch_store_errors(lambda: store.errors)
     resolver.on_load = ctx.metrics.observe_prefix_load
+    ctx.metrics.watch_jobs(ctx.jobs.status_counts)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     return app

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority (serve uses 10)")
     parser.add_argument("--cache-dir", default=None, help="where the embedded model is converted (env PREFIX_SERVE_CACHE_DIR)")
+    parser.add_argument("--metrics-port", type=int, default=int(env("PREFIX_SERVE_METRICS_PORT", "0")),
+                        help="serve Prometheus metrics of finished jobs on this port (0: off)")
+    parser.add_argument("--metrics-addr", default=env("PREFIX_SERVE_METRICS_ADDR", "127.0.0.1"),
+                        help="address for --metrics-port (compose sets 0.0.0.0)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -101,6 +105,12 @@ def _work(args: argparse.Namespace, stop: _StopFlag) -> int:
     config = WorkerConfig(consumer=consumer, mid_dim=args.mid_dim, batch_size=args.batch_size,
                           heartbeat_s=min(5.0, args.claim_timeout / 4))
     worker = Worker(loaded.model, loaded.tokenizer, queue, store, config)
+    if args.metrics_port:
+        from server.metrics import Metrics
+
+        metrics = Metrics()
+        metrics.serve_http(args.metrics_port, args.metrics_addr)
+        worker.on_finished = metrics.record_job
     stop.worker = worker
     print(f"prefix-serve worker {consumer}: model {loaded.name} ({args.dtype}), queue at {redacted(args.redis_url)}",
           flush=True)

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,6 +78,9 @@ class Worker:
         self.spec = model_spec(model)
         self.fingerprints = serving_fingerprints(model)
         self.stop_requested = threading.Event()  # set by SIGTERM: finish the loop, give the job back
+        # Called with (status, seconds) when this worker records a job's end (metrics).
+        self.on_finished: Callable[[JobStatus, float], None] | None = None
+        self._job_started = 0.0
 
     def run(self) -> None:
         log.info("worker %s: waiting for jobs", self.config.consumer)
@@ -95,6 +98,7 @@ class Worker:
     def run_job(self, job: Job) -> JobStatus | None:
         """Run one claimed job to its end; the status recorded (None: given back or lost)."""
         log.info("job %s (tenant %s, user %s): attempt %d", job.job_id, job.tenant, job.user_id, job.attempts)
+        self._job_started = time.monotonic()
         lease = _Lease(self.queue, job, self.config, self.stop_requested)
         try:
             try:
@@ -131,6 +135,8 @@ class Worker:
             log.warning("job %s: lease lost before it could be marked %s", job.job_id, status.value)
             return None
         log.info("job %s: %s%s", job.job_id, status.value, f" ({kw['error']})" if kw.get("error") else "")
+        if self.on_finished is not None:
+            self.on_finished(status, time.monotonic() - self._job_started)
         return status
 
     def _plan(self, job: Job):

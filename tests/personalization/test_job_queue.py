@@ -161,3 +161,15 @@ def test_release_gives_the_job_back_without_counting_the_attempt(make_queue):
     again = q.claim("w2")
     assert again.job_id == job_id and again.attempts == 1
     assert q.heartbeat(job, "stopping") == LeaseState.LOST
+
+
+def test_status_counts_follow_queue_and_leases(make_queue):
+    q = make_queue(max_active_per_tenant=5)
+    assert q.status_counts() == {"queued": 0, "running": 0}
+    q.submit("acme", "u1", SPEC)
+    q.submit("acme", "u2", SPEC)
+    assert q.status_counts() == {"queued": 2, "running": 0}
+    job = q.claim("w1")
+    assert q.status_counts() == {"queued": 1, "running": 1}
+    assert q.finish(job, JobStatus.SUCCEEDED, prefix_id="user:u1")
+    assert q.status_counts() == {"queued": 1, "running": 0}

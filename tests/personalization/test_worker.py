@@ -50,9 +50,15 @@ def test_serving_fingerprints_cover_the_same_weights_in_other_dtypes():
 
 
 def test_a_finished_job_publishes_the_user_prefix(parts):
+    from server.metrics import Metrics
+
     worker, queue, store, fingerprint = parts
+    metrics = Metrics()
+    worker.on_finished = metrics.record_job
     job_id = queue.submit("acme", "ada", job_spec(fingerprint))
     assert worker.run_job(queue.claim("w1")) == JobStatus.SUCCEEDED
+    text = metrics.render()[0].decode()
+    assert 'prefix_serve_training_jobs_finished_total{status="succeeded"} 1.0' in text
     record, kv = store.get("acme", "user:ada")
     assert kv.shape == (2, 2, 2, 4, 16) and record.model_fingerprint == fingerprint
     assert queue.get("acme", job_id).version == record.version
