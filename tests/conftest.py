@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from prefix_store.redis_process import RedisServer
+from tests.api.harness import Stack, start_stack, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,22 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A tiny byte-level BPE tokenizer trained offline (tests/api/harness.py)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def vocab(tokenizer) -> int:
+    return len(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, vocab, tokenizer) -> Iterator[Stack]:
+    """A real uvicorn server (tiny Llama, float32) on the shared redis-server."""
+    s = start_stack(redis_server.url, vocab, tokenizer)
+    yield s
+    s.stop()

@@ -4,30 +4,13 @@ real PEFT adapters uploaded over HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 
 import pytest
 
-from tests.api.harness import Stack, make_adapter, start_stack, tiny_tokenizer, upload
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def vocab(tokenizer) -> int:
-    return len(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def stack(redis_server, vocab, tokenizer) -> Iterator[Stack]:
-    s = start_stack(redis_server.url, vocab, tokenizer)
-    yield s
-    s.stop()
+from tests.api.harness import make_adapter, upload
 
 
 @pytest.fixture(scope="module")

@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from tests.api.harness import Stack, make_adapter, start_stack, tiny_tokenizer, upload
+from tests.api.harness import Stack, make_adapter, upload
 from tests.observability.promql import scrape, value
 
 TENANT = "acme"
 PROMPT = [5, 17, 42, 99, 7]  # token ids: no tokenizer in the way
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def vocab(tokenizer) -> int:
-    return len(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def stack(redis_server, vocab, tokenizer) -> Iterator[Stack]:
-    s = start_stack(redis_server.url, vocab, tokenizer)
-    yield s
-    s.stop()
 
 
 @dataclass

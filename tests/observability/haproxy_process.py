@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from prefix_store.redis_process import free_port
+from tests.processes import log_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "docker" / "haproxy" / "haproxy.cfg"
@@ -63,18 +64,9 @@ class HAProxy:
             time.sleep(0.1)
 
     def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join((self.dir / "haproxy.log").read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.dir / "haproxy.log", n)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 10)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import httpx
 import yaml
 
 from prefix_store.redis_process import free_port
+from tests.processes import log_tail, stop_process
 
 
 class PrometheusServer:
@@ -65,18 +66,9 @@ class PrometheusServer:
         return float(result[0]["value"][1])
 
     def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join((self.dir / "prometheus.log").read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.dir / "prometheus.log", n)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 15)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,7 +4,6 @@ model folder for it to load."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 from prefix_store.redis_process import free_port
 from tests.api.harness import ADMIN_KEY
 from tests.factories import tiny_llama
+from tests.processes import log_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,18 +66,8 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # uvicorn drains and exits
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)  # SIGTERM: uvicorn drains and exits
