@@ -78,3 +78,23 @@ def hf_greedy(base, kv: torch.Tensor | None, ids: list[int], n: int) -> list[int
     for _ in range(n):
         out.append(int(hf_prefix_logits(base, kv, ids + out)[-1].argmax()))
     return out
+
+
+def tiny_qwen2(seed: int = 0, vocab: int = 320):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_qwen3(seed: int = 0, vocab: int = 320):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=False)
+    return Qwen3ForCausalLM(cfg).eval()

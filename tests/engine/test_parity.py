@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from server.engine.sampling_params import SamplingParams
-from tests.factories import make_engine, peft_prefix_model, save_and_load_prefix, tiny_gpt2, tiny_llama
+from tests.factories import (make_engine, peft_prefix_model, save_and_load_prefix, tiny_gpt2, tiny_llama, tiny_qwen2,
+                             tiny_qwen3)
 
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]
 
@@ -18,7 +19,8 @@ def _peft_greedy(peft_model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("make_base", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("make_base", [tiny_gpt2, tiny_llama, tiny_qwen2, tiny_qwen3],
+                         ids=["gpt2", "llama-gqa", "qwen2-gqa", "qwen3-gqa"])
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "mlp-projection"])
 def test_tiny_models_match_peft(make_base, projection):
     engine = make_engine(make_base())
