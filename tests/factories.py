@@ -13,18 +13,22 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.prefix import ModelSpec, Prefix, load_peft_adapter
 
 
-def tiny_llama(seed: int = 0, vocab: int = 320) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab: int = 320, initializer_range: float = 0.02, eos: int = 2) -> LlamaForCausalLM:
+    """2 layers, hidden 64, 4 query heads sharing 2 KV heads (GQA), float32."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                      initializer_range=initializer_range, bos_token_id=1, eos_token_id=eos,
+                      pad_token_id=eos if eos != 2 else 0, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_gpt2(seed: int = 0, vocab: int = 320) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, vocab: int = 320, initializer_range: float = 0.02, eos: int = 2) -> GPT2LMHeadModel:
+    """2 layers, hidden 64, 4 heads, float32."""
     torch.manual_seed(seed)
     cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab, n_positions=256,
-                     bos_token_id=1, eos_token_id=2)
+                     initializer_range=initializer_range, bos_token_id=1, eos_token_id=eos,
+                     pad_token_id=eos if eos != 2 else None)
     return GPT2LMHeadModel(cfg).eval()
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests import factories
 
 
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -21,18 +22,12 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 260, initializer_range: float = 0.2) -> LlamaForCausalLM:
-    """2 layers, hidden 64, 4 query heads sharing 2 KV heads (GQA), float32, frozen.
+    """tests/factories.tiny_llama (GQA) for the byte tokenizer (<eos> = 256), frozen.
 
     initializer_range 0.2 (not HF's 0.02): with tiny random weights the logits hardly
     depend on the context, so no prefix could make the model memorize anything.
     """
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
-                         initializer_range=initializer_range, eos_token_id=256, bos_token_id=None, pad_token_id=256, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).float().eval()
-    model.requires_grad_(False)
-    return model
+    return factories.tiny_llama(seed, vocab_size, initializer_range, eos=256).requires_grad_(False)
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +41,8 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def make_tiny_gpt2(seed: int = 0, vocab_size: int = 260) -> GPT2LMHeadModel:
-    """2 layers, hidden 64, 4 heads (no GQA: PEFT then uses the full heads), float32, frozen."""
-    torch.manual_seed(seed)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=256,
-                        initializer_range=0.2, bos_token_id=256, eos_token_id=256, pad_token_id=256)
-    model = GPT2LMHeadModel(config).float().eval()
-    model.requires_grad_(False)
-    return model
+    """tests/factories.tiny_gpt2 (no GQA: PEFT then uses the full heads) for the byte tokenizer, frozen."""
+    return factories.tiny_gpt2(seed, vocab_size, initializer_range=0.2, eos=256).requires_grad_(False)
 
 
 # Two prompts that differ only in a name: the prefix must read the prompt to answer.
