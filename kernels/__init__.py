@@ -7,6 +7,8 @@ semantics written in kernels/torch_attention.py. Nothing here imports the engine
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.attention_metadata import AttentionMetadata
@@ -15,6 +17,7 @@ from kernels import torch_attention
 __all__ = ["AttentionMetadata", "prefix_attention", "write_kv"]
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

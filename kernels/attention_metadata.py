@@ -35,10 +35,6 @@ class AttentionMetadata:
     # Filled lazily by a kernel that wants a per-step plan shared by all layers.
     plan: object | None = None
 
-    @property
-    def num_requests(self) -> int:
-        return len(self.q_lens_host)
-
     @staticmethod
     def build(
         q_lens: list[int],

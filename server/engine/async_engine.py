@@ -58,10 +58,6 @@ class AsyncEngine:
         self._stopping = False
         self._error: BaseException | None = None
 
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
     async def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
