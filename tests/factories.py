@@ -11,6 +11,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig,
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.prefix import ModelSpec, Prefix, load_peft_adapter
+from server.training.prefix_forward import cache_argument
 
 
 def tiny_llama(seed: int = 0, vocab: int = 320, initializer_range: float = 0.02, eos: int = 2) -> LlamaForCausalLM:
@@ -74,7 +75,7 @@ def hf_prefix_logits(base, kv: torch.Tensor | None, ids: list[int]) -> torch.Ten
         cache.update(kv[layer, 0][None].clone(), kv[layer, 1][None].clone(), layer)
     mask = torch.ones(1, p + len(ids), dtype=torch.long)
     pos = torch.arange(p, p + len(ids))[None]
-    return base(x, attention_mask=mask, past_key_values=cache, position_ids=pos).logits[0]
+    return base(x, attention_mask=mask, position_ids=pos, **cache_argument(base, cache)).logits[0]
 
 
 def hf_greedy(base, kv: torch.Tensor | None, ids: list[int], n: int) -> list[int]:

@@ -14,6 +14,8 @@ A fresh cache is built for each call because HF's forward appends to it. Dynamic
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -34,6 +36,13 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
         fingerprint=model_fingerprint(model),
         max_model_len=cfg.max_position_embeddings,
     )
+
+
+def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The keyword that hands `cache` to the model's forward: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name still works there, with a warning)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def prefix_cache(kv: torch.Tensor, batch_size: int) -> DynamicCache:
@@ -70,7 +79,7 @@ def forward_with_prefix(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=prefix_cache(kv, batch),
+        **cache_argument(model, prefix_cache(kv, batch)),
         use_cache=True,
     )
     return out.logits
@@ -90,7 +99,7 @@ def prefix_past(model: torch.nn.Module, kv: torch.Tensor | None, token_ids: list
     cache = DynamicCache() if kv is None else prefix_cache(kv.to(device, next(model.parameters()).dtype), 1)
     mask = torch.ones(1, prefix_len + len(token_ids), dtype=torch.long, device=device)
     positions = torch.arange(prefix_len, prefix_len + len(token_ids), device=device).unsqueeze(0)
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_argument(model, cache))
     layers = []
     for layer in cache.layers:
         # [1, Hkv, P+n, hd] -> the last n slots: this text's own keys and values
@@ -119,7 +128,7 @@ def greedy_generate(
         mask = torch.ones(1, start + n, dtype=torch.long, device=device)
         positions = torch.arange(start, start + n, device=device).unsqueeze(0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits
+                       use_cache=True, **cache_argument(model, cache)).logits
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token == eos_token_id:
