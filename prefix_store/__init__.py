@@ -4,6 +4,7 @@ from prefix_store.errors import (
     InvalidIdError,
     StoreIntegrityError,
     StoreUnavailableError,
+    TenantDeletedError,
     TenantExistsError,
 )
 from prefix_store.record import PrefixEvent, PrefixRecord
@@ -13,5 +14,5 @@ from prefix_store.subscription import Subscription
 
 __all__ = [
     "InvalidIdError", "PrefixEvent", "PrefixRecord", "PrefixStore", "RedisServer",
-    "StoreIntegrityError", "StoreUnavailableError", "Subscription", "TenantExistsError",
+    "StoreIntegrityError", "StoreUnavailableError", "Subscription", "TenantDeletedError", "TenantExistsError",
 ]

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+MAX_ID_IN_MESSAGE = 140  # characters of a client's id echoed in an error (a valid id has at most 128)
+
+
+def shorten(value: object, limit: int = MAX_ID_IN_MESSAGE) -> str:
+    """repr(value), cut to about `limit` characters: error messages never echo a huge id."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
 class InvalidIdError(ValueError):
     """A tenant or prefix id that breaks its naming rule; raised before anything is written."""
 
@@ -10,7 +19,7 @@ class InvalidIdError(ValueError):
         self.kind = kind
         self.value = value
         self.rule = rule
-        super().__init__(f"invalid {kind} {value!r}: must match {rule}")
+        super().__init__(f"invalid {kind} {shorten(value)}: must match {rule}")
 
 
 class StoreUnavailableError(RuntimeError):
@@ -26,4 +35,9 @@ class StoreIntegrityError(RuntimeError):
 
 
 class TenantExistsError(ValueError):
-    """create_tenant() for a tenant id that is already taken."""
+    """create_tenant() for a tenant id that is already taken (or still being deleted)."""
+
+
+class TenantDeletedError(RuntimeError):
+    """A write into a tenant that was deleted (or deleted and created again since the
+    writer looked it up): refused, so nothing reappears under a re-created name."""

@@ -3,6 +3,7 @@
     ps:{jobs}:stream            stream  one entry {job: <job_id>} per job waiting or running
     ps:{jobs}:job:<job_id>      hash    the job (prefix_store.job.Job); expires after it finishes
     ps:{jobs}:active:<tenant>   set     ids of the tenant's queued and running jobs (the limit)
+    ps:{jobs}:tenant:<tenant>   zset    ids of all the tenant's jobs, by creation time (deletion)
 
 # NOTE: invariants
 # - Every state change is one Lua script, so a reader never sees half of one (e.g. a job
@@ -34,13 +35,16 @@ from prefix_store.keys import Keys, validate_tenant
 JOB_ID_RULE = re.compile(r"job-[0-9a-f]{32}")
 MAX_BLOCK_MS = 1000  # stays below the client's socket timeout (connection.SOCKET_TIMEOUT_S)
 
+# KEYS job, active, stream, tenant jobs | ARGV limit, job_id, now, forget_before, field, value, ...
 _SUBMIT = """
 local active = redis.call('SCARD', KEYS[2])
 if active >= tonumber(ARGV[1]) then return {0, active} end
 local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
 local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
 redis.call('HSET', KEYS[1], 'entry', entry)
 return {1, active + 1}
@@ -111,6 +115,20 @@ return 1
 """
 
 # KEYS job, active | ARGV tenant, now, ttl, job_id
+# KEYS tenant jobs, active, stream | ARGV job key prefix
+_DELETE_TENANT = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  local key = ARGV[1] .. id
+  if redis.call('HGET', key, 'status') == 'queued' then
+    redis.call('XDEL', KEYS[3], redis.call('HGET', key, 'entry'))
+  end
+  redis.call('DEL', key)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return #ids
+"""
+
 _CANCEL = """
 if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return 'missing' end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -147,9 +165,10 @@ class JobQueue:
         self.stream = f"{base}:stream"
         self._job_base = f"{base}:job:"
         self._active_base = f"{base}:active:"
+        self._tenant_base = f"{base}:tenant:"
         self._scripts = {name: self._r.register_script(src) for name, src in (
             ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("finish", _FINISH),
-            ("release", _RELEASE), ("cancel", _CANCEL))}
+            ("release", _RELEASE), ("cancel", _CANCEL), ("delete_tenant", _DELETE_TENANT))}
         self._group_ready = False
 
     def job_key(self, job_id: str) -> str:
@@ -157,6 +176,9 @@ class JobQueue:
 
     def active_key(self, tenant: str) -> str:
         return self._active_base + validate_tenant(tenant)
+
+    def tenant_key(self, tenant: str) -> str:
+        return self._tenant_base + validate_tenant(tenant)
 
     def _guard(self):
         return unavailable_as_error(self.redis_url)
@@ -168,14 +190,18 @@ class JobQueue:
         if not isinstance(user_id, str) or not user_id:
             raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
         job_id = f"job-{uuid.uuid4().hex}"
+        now = time.time()
         fields = {"tenant": tenant, "user_id": user_id, "spec": json.dumps(spec, separators=(",", ":")),
                   "status": JobStatus.QUEUED.value, "progress": "0", "step": "0", "loss": "",
-                  "created_at": repr(time.time()), "attempts": "0", "cancel": "0"}
-        args = [self.max_active_per_tenant, job_id] + [x for kv in fields.items() for x in kv]
+                  "created_at": repr(now), "attempts": "0", "cancel": "0"}
+        # ids of jobs long expired leave the tenant's index (a finished job expires after the ttl)
+        args = [self.max_active_per_tenant, job_id, repr(now), repr(now - 2 * self.finished_ttl_s)]
+        args += [x for kv in fields.items() for x in kv]
         with self._guard():
             self._ensure_group()
             ok, active = self._scripts["submit"](
-                keys=[self.job_key(job_id), self.active_key(tenant), self.stream], args=args)
+                keys=[self.job_key(job_id), self.active_key(tenant), self.stream, self.tenant_key(tenant)],
+                args=args)
         if not ok:
             raise TooManyJobsError(tenant, int(active), self.max_active_per_tenant)
         return job_id
@@ -194,6 +220,13 @@ class JobQueue:
                 keys=[self.job_key(job_id), self.active_key(tenant)],
                 args=[tenant, repr(time.time()), self.finished_ttl_s, job_id])
         return None if _text(outcome) == "missing" else self.get(tenant, job_id)
+
+    def delete_tenant(self, tenant: str) -> int:
+        """Forget every job of `tenant`: queued ones never run, and a running one's worker
+        finds its lease gone at its next heartbeat and publishes nothing. Returns how many."""
+        with self._guard():
+            return int(self._scripts["delete_tenant"](
+                keys=[self.tenant_key(tenant), self.active_key(tenant), self.stream], args=[self._job_base]))
 
     def active_count(self, tenant: str) -> int:
         with self._guard():

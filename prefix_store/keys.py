@@ -6,6 +6,8 @@ key hashes share the tag `{tenants}` for the same reason.
 
     ps:{t:acme}:prefixes                         hash  prefix id -> PrefixRecord JSON
     ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv
+    ps:{t:acme}:incarnation                      string  the tenant's incarnation id, or the
+                                                         tombstone "deleting" / "deleted"
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
     ps:events                                    pub/sub channel of PrefixEvent JSON
@@ -75,6 +77,9 @@ class Keys:
     def tensor(self, tenant: str, prefix_id: str, version: str) -> str:
         return (f"{self._tenant_base(tenant)}:prefix:{validate_prefix_id(prefix_id)}"
                 f":tensor:{validate_version(version)}")
+
+    def incarnation(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:incarnation"
 
     def tensor_pattern(self, tenant: str) -> str:
         """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""

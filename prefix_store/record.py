@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Literal
 
 from server.engine.prefix import PrefixRef
@@ -25,6 +25,7 @@ class PrefixRecord:
     created_at: float  # unix epoch seconds of this version's upload
     description: str
     model_fingerprint: str  # the base model the prefix was made for
+    shared: bool = False  # the admin tenant's prefix, usable by every tenant as `shared/<id>`
 
     @property
     def ref(self) -> PrefixRef:
@@ -41,11 +42,11 @@ class PrefixRecord:
     def from_json(cls, text: str | bytes) -> "PrefixRecord":
         data = json.loads(text)
         names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - data.keys()
         if missing:
             raise ValueError(f"prefix record lacks fields {sorted(missing)}")
         # unknown fields are ignored so that a newer writer does not break an older reader
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
 
 EventKind = Literal["put", "delete"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterator
 
 import redis
@@ -21,13 +22,15 @@ import torch
 
 from prefix_store import codec
 from prefix_store.connection import make_client, unavailable_as_error
-from prefix_store.errors import StoreIntegrityError, StoreUnavailableError
+from prefix_store.errors import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
 from prefix_store.keys import Keys, validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord
 from prefix_store.subscription import Subscription
 from prefix_store.tenants import TenantDirectory
 
 MAX_DESCRIPTION_CHARS = 4096
+# The tenant's incarnation key holds one of these while (and after) the tenant is deleted.
+DELETING, DELETED = b"deleting", b"deleted"
 
 
 class PrefixStore:
@@ -51,8 +54,14 @@ class PrefixStore:
     # ---- prefixes -------------------------------------------------------------------------
 
     def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
-            description: str = "") -> tuple[PrefixRecord, bool]:
-        """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created)."""
+            description: str = "", incarnation: str | None = None, shared: bool = False
+            ) -> tuple[PrefixRecord, bool]:
+        """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created).
+
+        Raises TenantDeletedError when the tenant is being or was deleted, or, given
+        `incarnation` (tenant_incarnation() read when the work started), when the tenant
+        was deleted and created again since.
+        """
         validate_tenant(tenant)
         validate_prefix_id(prefix_id)
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
@@ -68,11 +77,16 @@ class PrefixStore:
             tenant=tenant, prefix_id=prefix_id, version=version, num_virtual_tokens=int(plen),
             num_layers=int(layers), num_kv_heads=int(heads), head_dim=int(head_dim),
             dtype=str(kv.dtype).removeprefix("torch."), bytes=kv.numel() * kv.element_size(),
-            created_at=time.time(), description=description, model_fingerprint=model_fingerprint)
+            created_at=time.time(), description=description, model_fingerprint=model_fingerprint,
+            shared=bool(shared))
         index = self.keys.prefixes(tenant)
+        marker = self.keys.incarnation(tenant)
         event = PrefixEvent("put", tenant, prefix_id, version)
 
         def tx(pipe: redis.client.Pipeline) -> PrefixRecord | None:
+            current = pipe.get(marker)
+            if current in (DELETING, DELETED) or (incarnation is not None and current != incarnation.encode()):
+                raise TenantDeletedError(f"tenant {tenant!r} was deleted; prefix {prefix_id!r} is not stored")
             old_raw = pipe.hget(index, prefix_id)
             old = PrefixRecord.from_json(old_raw) if old_raw is not None else None
             pipe.multi()
@@ -85,7 +99,7 @@ class PrefixStore:
             return old
 
         with self._guard():
-            old = self._r.transaction(tx, index, value_from_callable=True)
+            old = self._r.transaction(tx, index, marker, value_from_callable=True)
         return record, old is None
 
     def get_record(self, tenant: str, prefix_id: str) -> PrefixRecord | None:
@@ -153,8 +167,22 @@ class PrefixStore:
 
     def create_tenant(self, tenant_id: str) -> str:
         """A new tenant; returns its API key (shown once, stored only as a hash)."""
+        validate_tenant(tenant_id)
+        incarnation = uuid.uuid4().hex
         with self._guard():
-            return self._tenants.create(tenant_id)
+            if self._r.get(self.keys.incarnation(tenant_id)) == DELETING:
+                raise TenantExistsError(f"tenant {tenant_id!r} is still being deleted; retry in a moment")
+            api_key = self._tenants.create(tenant_id, incarnation)
+            self._r.set(self.keys.incarnation(tenant_id), incarnation)
+        return api_key
+
+    def tenant_incarnation(self, tenant_id: str) -> str | None:
+        """The id of this life of the tenant (a new one each time the name is created), to
+        hand to put() by work that outlives a request (a training job); None for tenants
+        made before incarnations existed and the admin tenant, which has no record."""
+        with self._guard():
+            value = self._r.get(self.keys.incarnation(validate_tenant(tenant_id)))
+        return None if value in (None, DELETING, DELETED) else value.decode()
 
     def rotate_key(self, tenant_id: str) -> str | None:
         with self._guard():
@@ -173,15 +201,29 @@ class PrefixStore:
             return self._tenants.list()
 
     def delete_tenant(self, tenant_id: str) -> bool:
-        """Remove the tenant, its key and all its prefixes (with a delete event for each)."""
+        """Remove the tenant, its key and all its prefixes (user prefixes included, with a
+        delete event for each); False, touching nothing, if there is no such tenant.
+
+        Its key stops working first. Then the tenant is marked deleting, so that no write
+        (an upload in flight, a training job finishing) can land while its prefixes are
+        removed, nor afterwards: the mark stays as a tombstone until the name is created
+        again, and a job from the old life (put with its incarnation) is refused then too.
+        Calling it again after a failure part-way finishes the work.
+        """
+        validate_tenant(tenant_id)
+        marker = self.keys.incarnation(tenant_id)
         with self._guard():
-            existed = self._tenants.delete(tenant_id)  # first: its key stops working at once
+            existed = self._tenants.delete(tenant_id)
+            if not existed and self._r.get(marker) != DELETING:
+                return False
+            self._r.set(marker, DELETING)
             for record in self.list(tenant_id):
                 self.delete(tenant_id, record.prefix_id)
             # no reader can reach these any more; do not wait for the grace period
             for key in self._r.scan_iter(match=self.keys.tensor_pattern(tenant_id), count=500):
                 self._r.unlink(key)
-        return existed
+            self._r.set(marker, DELETED)
+        return True
 
     # ---- events and health -----------------------------------------------------------------
 

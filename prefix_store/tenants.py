@@ -38,10 +38,11 @@ class TenantDirectory:
         self._r = client
         self._keys = keys
 
-    def create(self, tenant: str) -> str:
+    def create(self, tenant: str, incarnation: str) -> str:
         validate_tenant(tenant)
         api_key = new_api_key()
-        record = json.dumps({"tenant_id": tenant, "created_at": time.time(), "key_hash": key_hash(api_key)})
+        record = json.dumps({"tenant_id": tenant, "created_at": time.time(), "key_hash": key_hash(api_key),
+                             "incarnation": incarnation})
 
         def tx(pipe: redis.client.Pipeline) -> None:
             if pipe.hexists(self._keys.tenants(), tenant):

@@ -82,6 +82,16 @@ class Settings(BaseSettings):
         60.0, gt=0, description="a job whose worker was silent this long is taken over by another worker")
     job_max_attempts: int = Field(3, ge=1, description="a job whose worker died this many times is marked failed")
 
+    # --- operations endpoints
+    metrics_key: SecretStr | None = Field(
+        None, description="a key that /metrics requires as 'Authorization: Bearer <key>' (the admin key works too); "
+                          "unset: /metrics is open on a loopback host and needs the admin key on any other")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port of metrics_host instead of the API port "
+                                          "(no key asked there: keep the port private)")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics_port listener")
+    docs: bool = Field(True, description="serve the OpenAPI document and the /docs and /redoc pages")
+
     # --- lifecycle
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for running requests")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
@@ -99,6 +109,11 @@ class Settings(BaseSettings):
             raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) must be at least max_prefix_bytes "
                              f"({self.max_prefix_bytes}), or the largest prefix could not be uploaded")
         return self
+
+    @property
+    def metrics_need_key(self) -> bool:
+        """/metrics lists every tenant's traffic: it asks for a key unless it is on loopback."""
+        return self.metrics_key is not None or not is_loopback(self.host)
 
     def engine_config(self):
         from server.engine.config import EngineConfig

@@ -29,10 +29,16 @@ from collections.abc import Callable
 import torch
 
 from prefix_store import PrefixEvent, PrefixRecord, PrefixStore, StoreUnavailableError
+from prefix_store.errors import shorten
 from server.engine.prefix import Prefix, PrefixRef, compose
 
-SHARED_PREFIX = "shared/"  # "shared/<id>" names a prefix of the admin tenant, read-only
+SHARED_PREFIX = "shared/"  # "shared/<id>": a prefix the admin tenant marked shared, read-only
 USER_PREFIX = "user:"  # "user:<user_id>" is a user's personalized prefix
+
+
+def is_shareable(record: PrefixRecord) -> bool:
+    """Reachable as `shared/<id>`: marked shared by the admin, and not a user prefix."""
+    return record.shared and not record.prefix_id.startswith(USER_PREFIX)
 
 
 class PrefixNotFound(LookupError):
@@ -53,7 +59,8 @@ class HostPrefixCache:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[tuple[PrefixRef, ...], Prefix] = OrderedDict()  # LRU first
-        self._latest: dict[tuple[str, str], str] = {}  # (tenant, id) -> version last seen in the store
+        # (tenant, id) -> (version last seen in the store, whether it was marked shared)
+        self._latest: dict[tuple[str, str], tuple[str, bool]] = {}
         self._lock = threading.Lock()
         self.nbytes = 0
         self.hits = 0
@@ -86,25 +93,25 @@ class HostPrefixCache:
                 self.nbytes -= old.nbytes
                 self.evictions += 1
 
-    def note_version(self, ref: PrefixRef) -> None:
+    def note_version(self, ref: PrefixRef, shared: bool = False) -> None:
         with self._lock:
-            self._latest[(ref.tenant, ref.prefix_id)] = ref.version
+            self._latest[(ref.tenant, ref.prefix_id)] = (ref.version, shared)
 
-    def latest_resident(self, tenant: str, prefix_id: str) -> Prefix | None:
-        """The resident copy of the version last seen in the store, for when the store is down."""
+    def latest_resident(self, tenant: str, prefix_id: str, shared_only: bool = False) -> Prefix | None:
+        """The resident copy of the version last seen in the store, for when the store is
+        down (with `shared_only`, only if that version was marked shared)."""
         with self._lock:
-            version = self._latest.get((tenant, prefix_id))
-            if version is None:
+            latest = self._latest.get((tenant, prefix_id))
+            if latest is None or (shared_only and not latest[1]):
                 return None
-            return self._entries.get((PrefixRef(tenant, prefix_id, version),))
+            return self._entries.get((PrefixRef(tenant, prefix_id, latest[0]),))
 
     def drop_stale(self, tenant: str, prefix_id: str, keep_version: str | None) -> int:
         """Drop every entry that uses (tenant, id) in a version other than keep_version."""
         with self._lock:
-            if keep_version is None:
+            if keep_version is None or self._latest.get((tenant, prefix_id), ("",))[0] != keep_version:
+                # a new version: whether it is shared is learnt at its next resolve
                 self._latest.pop((tenant, prefix_id), None)
-            else:
-                self._latest[(tenant, prefix_id)] = keep_version
             stale = [k for k in self._entries
                      if any(r.tenant == tenant and r.prefix_id == prefix_id and r.version != keep_version
                             for r in k)]
@@ -140,9 +147,21 @@ class PrefixResolver:
         """(owning tenant, prefix id) for a name as a client writes it."""
         if name.startswith(SHARED_PREFIX):
             if not self.shared_prefixes:
-                raise PrefixNotFound(f"prefix {name!r} not found: shared prefixes are turned off on this server")
+                raise PrefixNotFound(f"prefix {shorten(name)} not found: shared prefixes are turned off on this server")
             return self.admin_tenant, name[len(SHARED_PREFIX):]
         return tenant, name
+
+    def record_of(self, tenant: str, name: str) -> PrefixRecord:
+        """The current record of a name as `tenant` may see it. A `shared/` name reaches only
+        what the admin marked shared, and never a user prefix. Raises PrefixNotFound,
+        InvalidIdError, StoreUnavailableError (blocking: call it in a thread)."""
+        owner, prefix_id = self.owner_of(tenant, name)
+        record = self.store.get_record(owner, prefix_id)
+        if record is None or (name.startswith(SHARED_PREFIX) and not is_shareable(record)):
+            if record is None:
+                self.cache.drop_stale(owner, prefix_id, None)
+            raise PrefixNotFound(f"prefix {shorten(name)} not found")
+        return record
 
     async def resolve(self, tenant: str, names: list[str]) -> Prefix | None:
         """The composed prefix for `names` (in order); None for an empty list."""
@@ -161,20 +180,17 @@ class PrefixResolver:
     async def _resolve_one(self, tenant: str, name: str) -> Prefix:
         owner, prefix_id = self.owner_of(tenant, name)
         try:  # InvalidIdError (a malformed id) goes to the caller as it is
-            record = await asyncio.to_thread(self.store.get_record, owner, prefix_id)
+            record = await asyncio.to_thread(self.record_of, tenant, name)
         except StoreUnavailableError as e:
-            resident = self.cache.latest_resident(owner, prefix_id)
+            resident = self.cache.latest_resident(owner, prefix_id, shared_only=name.startswith(SHARED_PREFIX))
             if resident is not None:
                 return resident
-            raise PrefixUnavailable(f"prefix {name!r} is not loaded on this server and the prefix store "
+            raise PrefixUnavailable(f"prefix {shorten(name)} is not loaded on this server and the prefix store "
                                     "is unreachable; retry shortly") from e
-        if record is None:
-            self.cache.drop_stale(owner, prefix_id, None)
-            raise PrefixNotFound(f"prefix {name!r} not found")
         if record.model_fingerprint != self.model_fingerprint:
-            raise PrefixMismatch(f"prefix {name!r} was made for base model fingerprint "
+            raise PrefixMismatch(f"prefix {shorten(name)} was made for base model fingerprint "
                                  f"{record.model_fingerprint}; this server runs {self.model_fingerprint}")
-        self.cache.note_version(record.ref)
+        self.cache.note_version(record.ref, is_shareable(record))
         prefix = self.cache.get((record.ref,))
         if prefix is not None:
             return prefix
@@ -196,10 +212,10 @@ class PrefixResolver:
         try:
             kv = await asyncio.to_thread(self.store.get_version, ref.tenant, ref.prefix_id, ref.version)
         except StoreUnavailableError as e:
-            raise PrefixUnavailable(f"prefix {name!r} could not be loaded: the prefix store is "
+            raise PrefixUnavailable(f"prefix {shorten(name)} could not be loaded: the prefix store is "
                                     "unreachable; retry shortly") from e
         if kv is None:  # replaced or deleted between the two reads, and its grace period is over
-            raise PrefixNotFound(f"prefix {name!r} not found (it was just replaced or deleted; retry)")
+            raise PrefixNotFound(f"prefix {shorten(name)} not found (it was just replaced or deleted; retry)")
         prefix = await asyncio.to_thread(self.make_prefix, kv, (ref,))
         self.cache.put(prefix)
         if self.on_load is not None:

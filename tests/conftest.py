@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from prefix_store.redis_process import RedisServer
 from tests.api.harness import Stack, start_stack, tiny_tokenizer
+
+
+# Property tests write no example database into the checkout.
+settings.register_profile("prefix-serve", database=None)
+settings.load_profile("prefix-serve")
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +46,13 @@ def stack(redis_server, vocab, tokenizer) -> Iterator[Stack]:
     s = start_stack(redis_server.url, vocab, tokenizer)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (the model converted once into the local cache)."""
+    from transformers import AutoTokenizer
+
+    from server.engine.model_loader import ensure_default_model
+
+    return AutoTokenizer.from_pretrained(ensure_default_model())

@@ -50,6 +50,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
         # Waits up to 2 s for Redis, then keeps retrying in the background: the server also
         # starts (and serves resident prefixes) while Redis is away.
         subscription = await asyncio.to_thread(store.subscribe, resolver.on_event, resolver.on_reconnect)
+        metrics_server = (ctx.metrics.serve_http(settings.metrics_port, settings.metrics_host)
+                          if settings.metrics_port is not None else None)
         ctx.ready = True
         try:
             yield
@@ -58,9 +60,12 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
             await engine.shutdown(settings.drain_timeout_s)
             await asyncio.to_thread(subscription.close)
             ctx.jobs.close()
+            if metrics_server is not None:
+                metrics_server[0].shutdown()
 
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="prefix-serve", version="1", lifespan=lifespan,
-                  description="Multi-tenant serving of prefix-tuned language models.")
+                  description="Multi-tenant serving of prefix-tuned language models.", **docs)
     app.state.ctx = ctx
     install_error_handlers(app)
     for module in (routes_generate, routes_openai, routes_prefixes, routes_personalize, routes_admin,

@@ -75,6 +75,13 @@ class Authenticator:
                 del self._known[digest]
 
 
+def bearer_matches(authorization: str | None, key: str) -> bool:
+    """The header carries exactly `key` as a bearer token (compared in constant time)."""
+    if not authorization or not authorization.lower().startswith(_BEARER):
+        return False
+    return hmac.compare_digest(_digest(authorization[len(_BEARER):].strip()), _digest(key))
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

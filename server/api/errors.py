@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from prefix_store.errors import shorten
+
 log = logging.getLogger(__name__)
 
 _TYPES = {  # default error type per status
@@ -61,9 +63,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 404 and e.detail == "Not Found":
-            message = f"no route {request.method} {request.url.path}; the routes are listed at /docs"
+            listed = f"; the routes are listed at {request.app.docs_url}" if request.app.docs_url else ""
+            message = f"no route {request.method} {shorten(request.url.path)}{listed}"
         elif e.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
+            message = f"{request.method} is not allowed on {shorten(request.url.path)}"
         else:
             message = str(e.detail)
         return error_response(e.status_code, message, headers=getattr(e, "headers", None))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.outputs import FinishReason, RequestOutput
 from server.engine.prefix import Prefix, PrefixError
 from server.engine.sampling_params import SamplingParams
+from server.engine.tokenization import ChatMessage, TemplateError, encode_text, render_chat
 from server.residency import USER_PREFIX, PrefixMismatch, PrefixNotFound, PrefixUnavailable
 
 
@@ -59,8 +61,8 @@ def prefix_names(prefix_id: str | list[str] | None, user_id: str | None) -> list
 
 async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str], prompt: str | list[int] | None,
                   messages: list[Message] | None, fields: SamplingFields, max_tokens: int | None,
-                  id_prefix: str = "gen") -> GenerationJob:
-    prompt_ids = encode(ctx, prompt, messages)
+                  id_prefix: str = "gen", parse_special_tokens: bool = False) -> GenerationJob:
+    prompt_ids = await encode(ctx, prompt, messages, parse_special_tokens)
     prefix = await resolve(ctx, caller, names)
     used = [PrefixUsed(id=n, version=r.version) for n, r in zip(names, prefix.refs, strict=True)] if prefix else []
     if max_tokens is None:  # fill the context (OpenAI chat's default)
@@ -74,25 +76,31 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str], promp
     return GenerationJob(f"{id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, prefix, used, caller.tenant)
 
 
-def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: list[Message] | None) -> list[int]:
+# Text longer than this is tokenized in a worker thread, so a large prompt never stalls the
+# event loop (and with it every other request and /health); shorter text costs less than
+# the thread hop.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: list[Message] | None,
+                 parse_special_tokens: bool = False) -> list[int]:
     if isinstance(prompt, list):
         return [int(t) for t in prompt]
     tok = ctx.tokenizer
     if tok is None:
         raise ApiError(400, "this model has no tokenizer: send the prompt as a list of token ids")
     if messages is not None:
-        if not getattr(tok, "chat_template", None):
-            raise ApiError(400, "this model's tokenizer has no chat template: send a prompt instead of messages")
         try:
-            chat = [{"role": m.role, "content": m.text()} for m in messages]
-            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            chat = [ChatMessage(m.role, m.text()) for m in messages]
         except ValueError as e:
             raise ApiError(400, str(e)) from e
-        except Exception as e:  # a template may raise anything (jinja errors) on odd input
-            raise ApiError(400, f"the chat template could not render these messages: {e}") from e
-        # the template already wrote the special tokens it wants
-        return list(tok(text, add_special_tokens=False)["input_ids"])
-    return list(tok(prompt or "", add_special_tokens=True)["input_ids"])
+        size, work = sum(len(m.content) for m in chat), functools.partial(render_chat, tok, chat)
+    else:
+        size, work = len(prompt or ""), functools.partial(encode_text, tok, prompt or "", parse_special_tokens)
+    try:
+        return work() if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
+    except TemplateError as e:
+        raise ApiError(400, str(e)) from e
 
 
 async def resolve(ctx: ServerContext, caller: Caller, names: list[str]) -> Prefix | None:
@@ -138,15 +146,23 @@ async def open_stream(ctx: ServerContext, request: Request, job: GenerationJob) 
     return _rest(ctx, outputs, first, deadline, job.tenant)
 
 
+def _failed(out: RequestOutput) -> ApiError:
+    """The request failed inside the engine (the engine and the other requests went on)."""
+    return ApiError(500, f"generation failed: {out.error}; the request was stopped", "internal_error")
+
+
 async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     try:
-        return await anext(outputs)
+        out = await anext(outputs)
     except QueueFullError as e:
         raise _queue_full(ctx, e) from e
     except (ValueError, PrefixError) as e:  # check_request: does not fit the context, bad token id
         raise ApiError(400, str(e)) from e
     except EngineDeadError as e:
         raise ApiError(503, str(e), "service_unavailable") from e
+    if out.finish_reason == FinishReason.ERROR:
+        raise _failed(out)
+    return out
 
 
 async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: float,
@@ -167,6 +183,8 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: flo
                 raise ApiError(503, str(e), "service_unavailable") from e
             except StopAsyncIteration:
                 return
+            if out.finish_reason == FinishReason.ERROR:
+                raise _failed(out)
             if out.finished:
                 ctx.metrics.observe_finished(tenant, out)
             yield out
@@ -186,6 +204,8 @@ async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
                 break
             except EngineDeadError as e:
                 raise ApiError(503, str(e), "service_unavailable") from e
+            if out.finish_reason == FinishReason.ERROR:
+                raise _failed(out)
             first = False
             result.text += out.new_text
             result.token_ids.extend(out.new_token_ids)

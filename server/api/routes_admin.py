@@ -11,6 +11,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request, Response
 
 from prefix_store import InvalidIdError, StoreUnavailableError, TenantExistsError
+from prefix_store.errors import shorten
 from server.api.auth import Caller, require_admin
 from server.api.context import get_ctx
 from server.api.errors import ApiError
@@ -48,8 +49,14 @@ async def list_tenants(request: Request, _: Caller = Depends(require_admin)) -> 
 
 @router.delete("/v1/admin/tenants/{tenant_id}", status_code=204)
 async def delete_tenant(tenant_id: str, request: Request, _: Caller = Depends(require_admin)) -> Response:
+    """The tenant, its key, its prefixes (user prefixes included) and its jobs (running ones
+    are stopped and publish nothing). A tenant created again under the name starts empty."""
     ctx = get_ctx(request)
+    if tenant_id == ctx.settings.admin_tenant:
+        raise ApiError(400, f"{tenant_id!r} is the admin tenant (the admin key's own, whose shared prefixes every "
+                            "tenant may use); it cannot be deleted: delete its prefixes one by one instead")
     if not await _call(ctx.store.delete_tenant, tenant_id):
-        raise ApiError(404, f"tenant {tenant_id!r} not found", "not_found_error")
+        raise ApiError(404, f"tenant {shorten(tenant_id)} not found", "not_found_error")
     ctx.auth.forget(tenant_id)
+    await _call(ctx.jobs.delete_tenant, tenant_id)
     return Response(status_code=204)

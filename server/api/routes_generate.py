@@ -22,7 +22,8 @@ router = APIRouter(tags=["generation"])
 async def generate(body: GenerateRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
     job = await prepare(ctx, caller, names=prefix_names(body.prefix_id, body.user_id), prompt=body.prompt,
-                        messages=body.messages, fields=body, max_tokens=body.max_tokens)
+                        messages=body.messages, fields=body, max_tokens=body.max_tokens,
+                        parse_special_tokens=body.parse_special_tokens)
     if body.stream:
         outputs = await open_stream(ctx, request, job)
         return sse_response(_events(job, outputs))

@@ -43,7 +43,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
     job = await prepare(ctx, caller, names=_names(ctx, body), prompt=body.single_prompt(), messages=None,
-                        fields=body, max_tokens=body.max_tokens, id_prefix="cmpl")
+                        fields=body, max_tokens=body.max_tokens, id_prefix="cmpl",
+                        parse_special_tokens=body.parse_special_tokens)
     created = int(time.time())
     head = {"id": job.request_id, "object": "text_completion", "created": created, "model": body.model}
     if body.stream:

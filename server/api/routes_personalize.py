@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefix_store import InvalidIdError, StoreUnavailableError
+from prefix_store.errors import shorten
 from prefix_store.job import Job, JobStatus, TooManyJobsError
 from prefix_store.keys import validate_prefix_id
 from server.api.auth import Caller, require_caller
@@ -94,7 +95,7 @@ async def personalize(user_id: str, body: PersonalizeRequest, request: Request, 
     try:
         validate_prefix_id(USER_PREFIX + user_id)
     except InvalidIdError as e:
-        raise ApiError(400, f"user id {user_id!r} cannot name a prefix: {e}") from e
+        raise ApiError(400, f"user id {shorten(user_id)} cannot name a prefix: {e}") from e
     _check_numbers(ctx, body)
     base = await _base_prefix(ctx, caller, body.base_prefix_id)
     await asyncio.to_thread(_check_lengths, ctx, body, base["num_virtual_tokens"] if base else 0)
@@ -104,6 +105,8 @@ async def personalize(user_id: str, body: PersonalizeRequest, request: Request, 
         "base_prefix": base and {k: base[k] for k in ("name", "tenant", "prefix_id")},
         # the worker checks it runs these weights, and publishes the prefix for them
         "model_fingerprint": ctx.spec.fingerprint,
+        # the worker publishes only into this life of the tenant (not after it was deleted)
+        "tenant_incarnation": await _queue_call(ctx.store.tenant_incarnation, caller.tenant),
     }
     try:
         job_id = await _queue_call(ctx.jobs.submit, caller.tenant, user_id, spec)
@@ -117,7 +120,7 @@ async def personalize(user_id: str, body: PersonalizeRequest, request: Request, 
 async def get_job(job_id: str, request: Request, caller: Caller = Depends(require_caller)) -> JobInfo:
     job = await _queue_call(get_ctx(request).jobs.get, caller.tenant, job_id)
     if job is None:
-        raise ApiError(404, f"job {job_id!r} not found (finished jobs are kept for a week)", "not_found_error")
+        raise ApiError(404, f"job {shorten(job_id)} not found (finished jobs are kept for a week)", "not_found_error")
     return job_info(job)
 
 
@@ -128,7 +131,7 @@ async def cancel_job(job_id: str, request: Request, response: Response,
                      caller: Caller = Depends(require_caller)) -> JobInfo:
     job = await _queue_call(get_ctx(request).jobs.cancel, caller.tenant, job_id)
     if job is None:
-        raise ApiError(404, f"job {job_id!r} not found", "not_found_error")
+        raise ApiError(404, f"job {shorten(job_id)} not found", "not_found_error")
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise ApiError(409, f"job {job_id} already {job.status.value}; there is nothing to cancel", "conflict_error")
     response.status_code = 202 if job.status == JobStatus.RUNNING else 200
@@ -156,8 +159,7 @@ async def _base_prefix(ctx: ServerContext, caller: Caller, name: str | None) -> 
     if name is None:
         return None
     try:
-        owner, prefix_id = ctx.resolver.owner_of(caller.tenant, name)
-        record = await asyncio.to_thread(ctx.store.get_record, owner, prefix_id)
+        record = await asyncio.to_thread(ctx.resolver.record_of, caller.tenant, name)
     except PrefixNotFound as e:
         raise ApiError(404, f"base_prefix_id: {e}", "not_found_error") from e
     except InvalidIdError as e:
@@ -165,12 +167,11 @@ async def _base_prefix(ctx: ServerContext, caller: Caller, name: str | None) -> 
     except StoreUnavailableError as e:
         raise ApiError(503, "the prefix store is unreachable; retry shortly", "service_unavailable",
                        {"Retry-After": "1"}) from e
-    if record is None:
-        raise ApiError(404, f"base_prefix_id: prefix {name!r} not found", "not_found_error")
     if record.model_fingerprint != ctx.spec.fingerprint:
         raise ApiError(422, f"base_prefix_id: prefix {name!r} was made for base model {record.model_fingerprint}; "
                             f"this server runs {ctx.spec.fingerprint}", "invalid_prefix")
-    return {"name": name, "tenant": owner, "prefix_id": prefix_id, "num_virtual_tokens": record.num_virtual_tokens}
+    return {"name": name, "tenant": record.tenant, "prefix_id": record.prefix_id,
+            "num_virtual_tokens": record.num_virtual_tokens}
 
 
 def _check_lengths(ctx: ServerContext, body: PersonalizeRequest, base_len: int) -> None:

@@ -11,6 +11,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request, Response
 
 from prefix_store import InvalidIdError, PrefixRecord, StoreUnavailableError
+from prefix_store.errors import shorten
 from prefix_store.keys import validate_prefix_id
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
@@ -24,7 +25,7 @@ MAX_DESCRIPTION_CHARS = 4096
 
 def prefix_info(r: PrefixRecord) -> PrefixInfo:
     return PrefixInfo(id=r.prefix_id, version=r.version, num_virtual_tokens=r.num_virtual_tokens, dtype=r.dtype,
-                      bytes=r.bytes, created_at=r.created_at, description=r.description)
+                      bytes=r.bytes, created_at=r.created_at, description=r.description, shared=r.shared)
 
 
 async def _store_call(fn, *args, **kwargs):
@@ -50,6 +51,7 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                  "description": "zip of a PEFT prefix-tuning adapter folder, or a .safetensors file"},
         "description": {"type": "string"},
         "num_virtual_tokens": {"type": "integer", "description": "rows of prompt_embeddings (optional check)"},
+        "shared": {"type": "boolean", "description": "admin only: every tenant may use it as shared/<id>"},
     }}}}}}
 
 
@@ -61,7 +63,10 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
     _check_id(prefix_id)
     # The form is read here, after the key was checked: a stranger cannot make us read a
     # large body (FastAPI reads declared form parameters before running dependencies).
-    data, filename, description, num_virtual_tokens = await _read_form(request)
+    data, filename, description, num_virtual_tokens, shared = await _read_form(request)
+    if shared and not caller.is_admin:
+        raise ApiError(403, "only the admin key can share a prefix with every tenant ('shared' form field)",
+                       "permission_error")
     try:
         parsed = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
                                          num_virtual_tokens=num_virtual_tokens,
@@ -69,12 +74,13 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
     except UploadError as e:
         raise ApiError(e.status, str(e), e.kind) from e
     record, created = await _store_call(ctx.store.put, caller.tenant, prefix_id, parsed.kv,
-                                        model_fingerprint=ctx.spec.fingerprint, description=description)
+                                        model_fingerprint=ctx.spec.fingerprint, description=description,
+                                        shared=shared)
     response.status_code = 201 if created else 200
     return prefix_info(record)
 
 
-async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | None]:
+async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | None, bool]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "send the prefix as multipart/form-data with the file in the field 'file' "
                             "(curl -F file=@adapter.zip)", "unsupported_media_type")
@@ -94,11 +100,14 @@ async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | No
     num_virtual_tokens = None
     if nvt_raw not in (None, ""):
         if not isinstance(nvt_raw, str) or not nvt_raw.strip().isdigit() or int(nvt_raw) < 1:
-            raise ApiError(400, f"num_virtual_tokens must be a positive integer, got {nvt_raw!r}")
+            raise ApiError(400, f"num_virtual_tokens must be a positive integer, got {shorten(nvt_raw)}")
         num_virtual_tokens = int(nvt_raw)
+    shared_raw = form.get("shared") or "false"
+    if not isinstance(shared_raw, str) or shared_raw.lower() not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"shared must be true or false, got {shorten(shared_raw)}")
     data = await file.read()
     await form.close()
-    return data, file.filename, description, num_virtual_tokens
+    return data, file.filename, description, num_virtual_tokens, shared_raw.lower() in ("true", "1")
 
 
 @router.get("/v1/prefixes", response_model=PrefixList)
@@ -112,7 +121,7 @@ async def get_prefix(prefix_id: str, request: Request, caller: Caller = Depends(
     _check_id(prefix_id)
     record = await _store_call(get_ctx(request).store.get_record, caller.tenant, prefix_id)
     if record is None:
-        raise ApiError(404, f"prefix {prefix_id!r} not found", "not_found_error")
+        raise ApiError(404, f"prefix {shorten(prefix_id)} not found", "not_found_error")
     return prefix_info(record)
 
 
@@ -120,5 +129,5 @@ async def get_prefix(prefix_id: str, request: Request, caller: Caller = Depends(
 async def delete_prefix(prefix_id: str, request: Request, caller: Caller = Depends(require_caller)) -> Response:
     _check_id(prefix_id)
     if not await _store_call(get_ctx(request).store.delete, caller.tenant, prefix_id):
-        raise ApiError(404, f"prefix {prefix_id!r} not found", "not_found_error")
+        raise ApiError(404, f"prefix {shorten(prefix_id)} not found", "not_found_error")
     return Response(status_code=204)

@@ -17,7 +17,7 @@ FinishReasonName = Literal["stop", "length"]
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str = Field(min_length=1, max_length=64)
+    role: Literal["system", "user", "assistant"]  # the chat template's roles (tokenization.CHAT_ROLES)
     # OpenAI also allows a list of content parts; only text parts can be served here.
     content: str | list[dict] | None = None
 
@@ -29,7 +29,7 @@ class Message(BaseModel):
         texts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"message content part of type {part.get('type')!r} is not supported; "
+                raise ValueError(f"message content part of type {str(part.get('type'))[:32]!r} is not supported; "
                                  "only text parts are")
             texts.append(part["text"])
         return "".join(texts)
@@ -62,6 +62,8 @@ class GenerateRequest(SamplingFields):
     max_tokens: int = Field(64, ge=1)
     stream: bool = False
     user_id: str | None = Field(None, description="append the user's prefix 'user:<user_id>'")
+    parse_special_tokens: bool = Field(
+        False, description="read special tokens' spellings in a text prompt as the tokens (default: as text)")
 
     @model_validator(mode="after")
     def _one_input(self) -> "GenerateRequest":
@@ -121,6 +123,8 @@ class CompletionRequest(OpenAIFields):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
+    parse_special_tokens: bool = Field(
+        False, description="extension: read special tokens' spellings in the prompt as the tokens (default: as text)")
 
     @model_validator(mode="after")
     def _single_prompt(self) -> "CompletionRequest":
@@ -173,6 +177,7 @@ class PrefixInfo(BaseModel):
     bytes: int
     created_at: float
     description: str = ""
+    shared: bool = False  # the admin's prefix, usable by every tenant as shared/<id>
 
 
 class PrefixList(BaseModel):

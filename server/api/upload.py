@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefix_store.errors import shorten
 from server.engine.prefix import ModelSpec, PrefixError, check_peft_config, from_prompt_embeddings, validate_kv
 
 MAX_HEADER_BYTES = 1 << 20  # a prefix file holds a few tensors; its header is a few hundred bytes
@@ -142,18 +143,18 @@ def read_safetensors(data: bytes, max_prefix_bytes: int, what: str = "the file"
 
 
 def _check_entry(name: str, entry: object, body: int, what: str) -> int:
-    bad = f"{what}: tensor {name!r} has a malformed header entry"
+    bad = f"{what}: tensor {shorten(name)} has a malformed header entry"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise UploadError(f"{bad} (needs dtype, shape, data_offsets)", 400, "malformed_safetensors")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in _SAFETENSORS_DTYPES:
-        raise UploadError(f"{bad}: unknown dtype {dtype!r}", 400, "malformed_safetensors")
+        raise UploadError(f"{bad}: unknown dtype {shorten(dtype)}", 400, "malformed_safetensors")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)):
-        raise UploadError(f"{bad}: shape {shape!r}", 400, "malformed_safetensors")
+        raise UploadError(f"{bad}: shape {shorten(shape)}", 400, "malformed_safetensors")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1] <= body):
-        raise UploadError(f"{bad}: data_offsets {offsets!r} do not fit the {body} data bytes",
+        raise UploadError(f"{bad}: data_offsets {shorten(offsets)} do not fit the {body} data bytes",
                           400, "malformed_safetensors")
     numel = 1
     for d in shape:
@@ -215,12 +216,12 @@ def _check_zip_entry(info: zipfile.ZipInfo, max_prefix_bytes: int) -> None:
     name = info.filename
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-        raise UploadError(f"the zip entry {name!r} has an absolute or '..' path; refused", 400, "unsafe_zip")
+        raise UploadError(f"the zip entry {shorten(name)} has an absolute or '..' path; refused", 400, "unsafe_zip")
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
-        raise UploadError(f"the zip entry {name!r} is a symbolic link; refused", 400, "unsafe_zip")
+        raise UploadError(f"the zip entry {shorten(name)} is a symbolic link; refused", 400, "unsafe_zip")
     if info.file_size > max_prefix_bytes + MAX_HEADER_BYTES + 8:
-        raise UploadError(f"the zip entry {name!r} declares {info.file_size} bytes uncompressed; the limit "
+        raise UploadError(f"the zip entry {shorten(name)} declares {info.file_size} bytes uncompressed; the limit "
                           f"is {max_prefix_bytes} (max_prefix_bytes)", 413, "payload_too_large")
 
 
@@ -230,9 +231,9 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
         with zf.open(info) as f:
             blob = f.read(limit + 1)
     except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as e:
-        raise UploadError(f"the zip entry {info.filename!r} cannot be read ({e})", 400, "malformed_zip") from e
+        raise UploadError(f"the zip entry {shorten(info.filename)} cannot be read ({e})", 400, "malformed_zip") from e
     if len(blob) > limit:
-        raise UploadError(f"the zip entry {info.filename!r} inflates past {limit} bytes; refused",
+        raise UploadError(f"the zip entry {shorten(info.filename)} inflates past {limit} bytes; refused",
                           413, "payload_too_large")
     return blob
 
@@ -254,7 +255,7 @@ def _check_peft_config(config: dict, spec: ModelSpec) -> None:
     except PrefixError as e:
         raise UploadError(str(e), 422, "invalid_adapter") from e
     if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UploadError(f"adapter task_type is {config['task_type']!r}; expected 'CAUSAL_LM'", 422,
+        raise UploadError(f"adapter task_type is {shorten(config['task_type'])}; expected 'CAUSAL_LM'", 422,
                           "invalid_adapter")
     token_dim = config.get("token_dim")
     if token_dim is not None and token_dim != spec.peft_token_dim():
@@ -263,5 +264,5 @@ def _check_peft_config(config: dict, spec: ModelSpec) -> None:
                           "another base model", 422, "model_mismatch")
     nvt = config.get("num_virtual_tokens")
     if nvt is not None and (not isinstance(nvt, int) or nvt < 1):
-        raise UploadError(f"adapter num_virtual_tokens is {nvt!r}; expected a positive integer", 422,
+        raise UploadError(f"adapter num_virtual_tokens is {shorten(nvt)}; expected a positive integer", 422,
                           "invalid_adapter")

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description", default="", help="a note stored with the prefix")
     parser.add_argument("--num-virtual-tokens", type=int, default=None,
                         help="rows of prompt_embeddings (checked if given)")
+    parser.add_argument("--shared", action="store_true",
+                        help="admin key only: every tenant may use the prefix as shared/<ID>")
     add_client_arguments(parser)
 
 
@@ -50,7 +52,7 @@ def payload(path: Path) -> tuple[str, bytes, str]:
 
 def run(args: argparse.Namespace) -> int:
     name, data, kind = payload(args.path)
-    form = {"description": args.description}
+    form = {"description": args.description, "shared": "true" if args.shared else "false"}
     if args.num_virtual_tokens is not None:
         form["num_virtual_tokens"] = str(args.num_virtual_tokens)
     try:

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="where the embedded model is converted (env PREFIX_SERVE_CACHE_DIR)")
     parser.add_argument("--metrics-port", type=int, default=int(env("PREFIX_SERVE_METRICS_PORT", "0")),
                         help="serve Prometheus metrics of finished jobs on this port (0: off)")
-    parser.add_argument("--metrics-addr", default=env("PREFIX_SERVE_METRICS_ADDR", "127.0.0.1"),
+    parser.add_argument("--metrics-addr", default=env("PREFIX_SERVE_METRICS_HOST", "127.0.0.1"),
                         help="address for --metrics-port (compose sets 0.0.0.0)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

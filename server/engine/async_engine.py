@@ -120,6 +120,11 @@ class AsyncEngine:
         self._wake.set()
 
     @property
+    def error(self) -> BaseException | None:
+        """What killed the step loop, if it died."""
+        return self._error
+
+    @property
     def is_alive(self) -> bool:
         """False once the step loop has crashed (or was never started)."""
         return self._error is None and self._thread is not None and self._thread.is_alive()

@@ -9,6 +9,7 @@ Prometheus here.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -25,6 +26,8 @@ from server.engine.request import Request, RequestStatus
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -111,14 +114,21 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One iteration. A request that fails inside it (its sampling, stop strings or
+        detokenization) finishes with FinishReason.ERROR and the others go on; a failed
+        forward fails the requests of this step only."""
         sched = self.scheduler.schedule()
         self._stats.preemptions = self.scheduler.num_preemptions
         if not sched.scheduled:
             return []
-        inp = self.runner.prepare(sched.scheduled, sched.num_new_tokens)
-        logits = self.runner.execute(inp)
+        try:
+            inp = self.runner.prepare(sched.scheduled, sched.num_new_tokens)
+            logits = self.runner.execute(inp)
+        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
+            log.exception("the forward of a step with %d requests failed", len(sched.scheduled))
+            return [self._fail(req, f"the model step failed ({type(e).__name__}: {e})") for req in sched.scheduled]
         sampled = [sched.scheduled[r] for r in inp.sample_rows]
-        tokens = sample(logits, [r.sampling for r in sampled], [len(r.output_token_ids) for r in sampled])
+        tokens = self._sample(logits, sampled)
         prompt_tokens = 0
         for req, q in zip(sched.scheduled, sched.num_new_tokens):
             # Rows before the last known token are prompt (or recomputed) tokens.
@@ -127,12 +137,43 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for req, token in zip(sampled, tokens):
-            self._append(req, token, now)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._append(req, token, now)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                log.exception("request %s failed in the step", req.request_id)
+                outputs.append(self._fail(req, f"{type(e).__name__}: {e}"))
+                continue
             out = self._output(req)
             if out.new_token_ids or out.finished:
                 outputs.append(out)
         self._count(sched.num_new_tokens, len(sampled), prompt_tokens)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, sampled: list[Request]) -> list[int | Exception]:
+        """The next token of each sampled request; where sampling one row raises, that row's
+        exception instead (the batch is retried row by row to find it)."""
+        params = [r.sampling for r in sampled]
+        index = [len(r.output_token_ids) for r in sampled]
+        try:
+            return sample(logits, params, index)
+        except Exception:  # noqa: BLE001
+            out: list[int | Exception] = []
+            for row in range(len(sampled)):
+                try:
+                    out.extend(sample(logits[row:row + 1], params[row:row + 1], index[row:row + 1]))
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+            return out
+
+    def _fail(self, req: Request, message: str) -> RequestOutput:
+        req.finish_reason = FinishReason.ERROR
+        req.error = message
+        if req.status != RequestStatus.FINISHED:
+            self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        return self._output(req)
 
     def _append(self, req: Request, token: int, now: float) -> None:
         req.output_token_ids.append(token)
@@ -164,7 +205,8 @@ class LLMEngine:
                              finished=finished, finish_reason=req.finish_reason,
                              num_prompt_tokens=len(req.prompt_token_ids),
                              num_output_tokens=len(req.output_token_ids),
-                             first_token_time=req.first_token_time, arrival_time=req.arrival_time)
+                             first_token_time=req.first_token_time, arrival_time=req.arrival_time,
+                             error=req.error)
 
     # ---- convenience and stats --------------------------------------------------------
 

@@ -7,6 +7,7 @@ cache directory; later starts load that folder in seconds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -43,10 +44,28 @@ def find_smollm2_gguf() -> Path:
 
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
-    """Convert the embedded GGUF into a safetensors folder once; return that folder."""
+    """Convert the embedded GGUF into a safetensors folder once; return that folder.
+
+    Safe when several processes start at once (a server and its training workers): one
+    converts while the others wait on a file lock, and the folder appears by an atomic
+    rename, so nobody ever reads a half-written model.
+    """
     target = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+        if not _converted(target):  # another process may have converted it while we waited
+            _convert_default_model(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+def _convert_default_model(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_smollm2_gguf()
@@ -60,14 +79,11 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     model.hf_quantizer = None
     model.is_quantized = False
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # another process converted it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    return target
+    shutil.rmtree(target, ignore_errors=True)  # a partial folder left by a crash before the lock existed
+    tmp.rename(target)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

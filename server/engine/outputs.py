@@ -10,6 +10,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # aborted by the caller (e.g. client disconnected)
+    ERROR = "error"  # this request failed inside the step; the others went on (see `error`)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class RequestOutput:
     num_output_tokens: int = 0  # total so far
     first_token_time: float | None = None  # time.monotonic() of the first output token
     arrival_time: float = 0.0
+    error: str | None = None  # why the request failed (finish_reason ERROR)
 
 
 @dataclass

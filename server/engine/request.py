@@ -33,6 +33,7 @@ class Request:
     own_blocks: list[int] = field(default_factory=list)  # block table of the own segment
     prefix_blocks: list[int] = field(default_factory=list)  # shared, owned by the prefix cache
     finish_reason: FinishReason | None = None
+    error: str | None = None  # set with FinishReason.ERROR
     output_text: str = ""  # detokenized output, stop strings cut off
     num_text_emitted: int = 0  # characters of output_text already sent
     num_tokens_emitted: int = 0  # tokens already sent

@@ -14,6 +14,12 @@ from server.engine.sampling_params import SamplingParams
 _SEED_STRIDE = 1_000_003
 
 
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed of output token `index` of a request seeded with `seed`: stays in
+    [0, 2^63) for every seed SamplingParams accepts (a plain product would overflow)."""
+    return (seed * _SEED_STRIDE + index) % (2**63)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> list[int]:
     """logits: [N, V] float32; output_index[i]: how many tokens request i has produced."""
     if logits.shape[0] == 0:
@@ -35,11 +41,12 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
         probs = sorted_scores.softmax(dim=-1)
         # Keep a token while the mass before it is below top_p (the first is always kept).
         drop = probs.cumsum(dim=-1) - probs >= p.top_p
+        drop[0] = False  # also when top_p rounds to 0 in float32
         scores = scores.index_put((order[drop],), torch.tensor(float("-inf")))
     probs = scores.softmax(dim=-1)
     gen = torch.Generator(device=logits.device)
     if p.seed is not None:
-        gen.manual_seed(p.seed * _SEED_STRIDE + index)
+        gen.manual_seed(token_seed(p.seed, index))
     else:
         gen.seed()
     return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -1,8 +1,21 @@
-"""Per-request sampling settings, checked when the request is made."""
+"""Per-request sampling settings, checked when the request is made.
+
+# NOTE: every bound here is one the sampler can honour for any value inside it, so a
+# request that passes these checks cannot fail inside the step loop: a seed stays a valid
+# 64-bit generator seed after the per-token mixing (sampler.token_seed), and a temperature
+# is 0 (greedy) or large enough that logits / temperature stays finite in float32.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+MIN_TEMPERATURE = 1e-3  # below this (and above 0) logits / temperature can overflow float32
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -18,17 +31,32 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}")
+        t = self.temperature
+        if not _is_real(t) or not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                             f"{MAX_TEMPERATURE:g}, got {t!r}")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2^63 - 1), got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must be non-empty text of at most {MAX_STOP_CHARS} characters")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

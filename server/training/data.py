@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.engine.tokenization import encode_text
+
 
 @dataclass(frozen=True)
 class Example:
@@ -104,8 +106,8 @@ def group_references(examples: list[Example]) -> list[tuple[str, list[str]]]:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """A prompt's token ids, as training saw them (and as serving should send them)."""
-    return list(tokenizer(prompt)["input_ids"])
+    """A prompt's token ids, exactly as serving encodes a text prompt."""
+    return encode_text(tokenizer, prompt)
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int) -> list[TokenizedExample]:

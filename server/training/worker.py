@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from prefix_store import PrefixStore, StoreUnavailableError
+from prefix_store import PrefixStore, StoreUnavailableError, TenantDeletedError
 from prefix_store.job import Job, JobStatus, LeaseState
 from prefix_store.jobs import JobQueue
 from server.engine.model_loader import model_fingerprint
@@ -126,8 +126,13 @@ class Worker:
             log.info("job %s: given back to the queue", job.job_id)
             return None
         description += f"; final loss {result.losses[-1]:.4f}"
-        record, _ = self.store.put(job.tenant, USER_PREFIX + job.user_id, result.kv,
-                                   model_fingerprint=fingerprint, description=description)
+        try:
+            # the tenant's incarnation when the job was queued: a deleted (or deleted and
+            # re-created) tenant gets nothing written into it
+            record, _ = self.store.put(job.tenant, USER_PREFIX + job.user_id, result.kv, model_fingerprint=fingerprint,
+                                       description=description, incarnation=job.spec.get("tenant_incarnation"))
+        except TenantDeletedError as e:
+            return self._finish(job, JobStatus.FAILED, error=str(e))
         return self._finish(job, JobStatus.SUCCEEDED, prefix_id=record.prefix_id, version=record.version)
 
     def _finish(self, job: Job, status: JobStatus, **kw: Any) -> JobStatus | None:

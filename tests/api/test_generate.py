@@ -151,9 +151,10 @@ def test_prefix_list_and_user_prefix_compose_in_order(stack, tenant_key, uploade
     assert [p["id"] for p in by_user["prefix"]] == ["p0", "user:bob"]
 
 
-def test_admin_prefixes_are_shared_read_only(stack, tenant_key, adapters, tokenizer):
+def test_admin_prefixes_marked_shared_are_shared_read_only(stack, tenant_key, adapters, tokenizer):
     with stack.client(ADMIN_KEY) as admin:
-        assert upload(admin, "house-style", adapters[1].zip_bytes).status_code in (200, 201)
+        assert upload(admin, "house-style", adapters[1].zip_bytes, shared="true").status_code in (200, 201)
+        assert admin.get("/v1/prefixes/house-style").json()["shared"] is True
     ids = tokenizer(PROMPTS[0])["input_ids"]
     with stack.client(tenant_key) as c:
         r = c.post("/v1/generate", json={"prefix_id": "shared/house-style", "prompt": PROMPTS[0], "max_tokens": 6})

@@ -30,9 +30,10 @@ class DictStore:
         self.down = False
         self.tensor_reads = 0
 
-    def put(self, tenant: str, pid: str, version: str, fill: float, fingerprint: str = "fp") -> None:
+    def put(self, tenant: str, pid: str, version: str, fill: float, fingerprint: str = "fp",
+            shared: bool = False) -> None:
         self.records[(tenant, pid)] = PrefixRecord(tenant, pid, version, 4, 2, 2, 8, "float32", 1024, 0.0, "",
-                                                   fingerprint)
+                                                   fingerprint, shared)
         self.tensors[(tenant, pid, version)] = torch.full(SHAPE, fill)
 
     def get_record(self, tenant: str, pid: str) -> PrefixRecord | None:
@@ -124,7 +125,9 @@ def test_events_drop_stale_copies_so_an_outage_never_serves_them():
 
 def test_unknown_shared_and_mismatched_prefixes():
     store = DictStore()
-    store.put("admin", "house", "v1", 1.0)
+    store.put("admin", "house", "v1", 1.0, shared=True)
+    store.put("admin", "private", "v1", 1.0)
+    store.put("admin", "user:ann", "v1", 1.0, shared=True)
     store.put("t", "other-model", "v1", 1.0, fingerprint="zz")
     resolver = make_resolver(store)
     with pytest.raises(PrefixNotFound):
@@ -132,6 +135,9 @@ def test_unknown_shared_and_mismatched_prefixes():
     with pytest.raises(PrefixNotFound):
         asyncio.run(resolver.resolve("t", ["house"]))  # the admin's, but not shared by that name
     assert asyncio.run(resolver.resolve("t", ["shared/house"])).refs[0].tenant == "admin"
+    for unshared in ("shared/private", "shared/user:ann"):  # not marked shared; a user prefix never is
+        with pytest.raises(PrefixNotFound):
+            asyncio.run(resolver.resolve("t", [unshared]))
     resolver.shared_prefixes = False
     with pytest.raises(PrefixNotFound, match="turned off"):
         asyncio.run(resolver.resolve("t", ["shared/house"]))
@@ -159,3 +165,14 @@ def test_cache_is_safe_to_drop_from_another_thread():
         stop.set()
         thread.join()
     assert cache.nbytes == sum(p.nbytes for p in cache._entries.values())
+
+
+def test_an_unshared_admin_prefix_is_not_reached_through_the_outage_fallback():
+    store = DictStore()
+    store.put("admin", "private", "v1", 1.0)
+    resolver = make_resolver(store)
+    assert asyncio.run(resolver.resolve("admin", ["private"])).refs[0].version == "v1"  # resident now
+    store.down = True
+    assert asyncio.run(resolver.resolve("admin", ["private"])).refs[0].version == "v1"  # its owner keeps it
+    with pytest.raises(PrefixUnavailable):
+        asyncio.run(resolver.resolve("t", ["shared/private"]))

@@ -114,3 +114,38 @@ def test_every_error_is_json_with_type_and_message(stack, keys):
     assert too_long.status_code == 400 and "context" in too_long.json()["error"]["message"]
     assert bad_token.status_code == 400 and "999999" in bad_token.json()["error"]["message"]
     assert not_json.status_code == 400 and "error" in not_json.json()
+
+
+def test_only_what_the_admin_marks_shared_is_shared_and_never_a_user_prefix(stack, keys, adapters):
+    with stack.client(ADMIN_KEY) as admin:
+        assert upload(admin, "internal", adapters[0].zip_bytes).status_code in (200, 201)  # not shared
+        assert upload(admin, "user:dave", adapters[0].zip_bytes, shared="true").status_code in (200, 201)
+    with stack.client(keys["a"]) as a:
+        for name in ("shared/internal", "shared/user:dave"):
+            r = a.post("/v1/generate", json={"prefix_id": name, "prompt": "hello", "max_tokens": 1})
+            assert r.status_code == 404, r.text
+            r = a.post("/v1/users/erin/personalize", json={"examples": [{"prompt": "a", "completion": "b"}],
+                                                           "base_prefix_id": name, "steps": 1})
+            assert r.status_code == 404, r.text
+        # a tenant cannot share its own prefixes
+        r = upload(a, "mine", adapters[0].zip_bytes, shared="true")
+        assert r.status_code == 403 and "only the admin" in r.json()["error"]["message"]
+        assert a.get("/v1/prefixes/mine").status_code == 404
+
+
+def test_the_admin_tenant_cannot_be_deleted_and_its_prefixes_stay(stack, adapters):
+    with stack.client(ADMIN_KEY) as admin:
+        assert upload(admin, "keep-me", adapters[0].zip_bytes, shared="true").status_code in (200, 201)
+        r = admin.delete("/v1/admin/tenants/admin")
+        assert r.status_code == 400 and "cannot be deleted" in r.json()["error"]["message"]
+        assert admin.get("/v1/prefixes/keep-me").status_code == 200
+
+
+def test_error_bodies_cut_long_ids(stack, keys):
+    long_id = "x" * 10_000
+    with stack.client(keys["a"]) as a:
+        for r in (a.get(f"/v1/prefixes/{long_id}"), a.get(f"/v1/jobs/{long_id}"),
+                  a.post("/v1/generate", json={"prefix_id": long_id, "prompt": "x"}),
+                  a.post(f"/v1/users/{long_id}/personalize", json={"examples": [{"prompt": "a", "completion": "b"}]})):
+            assert r.status_code in (400, 404), r.text
+            assert len(r.text) < 600 and "10000 characters" in r.text, r.text[:300]

@@ -63,12 +63,18 @@ def test_request_larger_than_the_whole_pool():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be at least 1, got 0"),
-    ({"max_tokens": -5}, "max_tokens must be at least 1, got -5"),
-    ({"temperature": -1.0}, "temperature must be in"),
+    ({"max_tokens": 0}, "max_tokens must be an integer of at least 1, got 0"),
+    ({"max_tokens": -5}, "max_tokens must be an integer of at least 1, got -5"),
+    ({"temperature": -1.0}, r"temperature must be 0 \(greedy\) or between 0.001 and 100, got -1.0"),
+    ({"temperature": 1e-45}, "temperature must be 0 .greedy. or between 0.001"),
+    ({"temperature": float("nan")}, "temperature must be 0"),
     ({"top_p": 0.0}, "top_p must be in"),
+    ({"top_p": float("inf")}, "top_p must be in"),
     ({"top_k": -1}, "top_k must be 0"),
-    ({"stop": ["", "x"]}, "stop strings must not be empty"),
+    ({"seed": 2**63}, r"seed must be an integer from 0 to 9223372036854775807 \(2\^63 - 1\), got 9223372036854775808"),
+    ({"seed": -1}, "seed must be an integer from 0"),
+    ({"stop": ["", "x"]}, "stop strings must be non-empty text of at most 256 characters"),
+    ({"stop": ["x"] * 17}, "17 stop strings; at most 16 are allowed"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -42,6 +42,12 @@ def server_port(service: dict) -> int:
     return int(service["environment"]["PREFIX_SERVE_PORT"])
 
 
+def metrics_port(service: dict) -> int:
+    """Replicas serve /metrics on their own port, inside the compose network only."""
+    assert service["environment"]["PREFIX_SERVE_METRICS_HOST"] == "0.0.0.0"
+    return int(service["environment"]["PREFIX_SERVE_METRICS_PORT"])
+
+
 def container_port(mapping: str) -> int:
     return int(str(mapping).split(":")[-1].split("/")[0])
 
@@ -98,7 +104,7 @@ def test_published_ports_are_ports_the_services_listen_on(services):
         image = services[name]["image"].split(":")[0]
         assert [container_port(p) for p in services[name]["ports"]] == [IMAGE_PORTS[image]], name
     for name, service in replicas(services).items():
-        assert [int(p) for p in service["expose"]] == [server_port(service)], name
+        assert [int(p) for p in service["expose"]] == [server_port(service), metrics_port(service)], name
         assert "ports" not in service, f"{name}: replicas are reached through the load balancer"
 
 
@@ -106,7 +112,7 @@ def test_prometheus_scrapes_every_replica_and_the_worker(services):
     path = DOCKER / "prometheus" / "prometheus.yml"
     config = yaml.safe_load(path.read_text())
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    want = {f"{n}:{server_port(s)}" for n, s in replicas(services).items()}
+    want = {f"{n}:{metrics_port(s)}" for n, s in replicas(services).items()}
     want.add(f"worker:{services['worker']['environment']['PREFIX_SERVE_METRICS_PORT']}")
     assert targets == want
     assert [int(p) for p in services["worker"]["expose"]] == [int(services["worker"]["environment"]["PREFIX_SERVE_METRICS_PORT"])]

@@ -183,3 +183,28 @@ def test_a_killed_workers_job_is_finished_by_the_restarted_worker(service, acme)
         assert c.get("/v1/prefixes/user:dee").json()["num_virtual_tokens"] == 10
     assert len(service.worker_pids()) == 2  # serve started a new worker
     assert f"(pid {pid}) exited with code -9" in service.log()
+
+
+def test_deleting_a_tenant_stops_its_jobs_and_nothing_comes_back_with_the_name(service):
+    key = service.create_tenant("carol-co")
+    with service.client(key) as c:
+        running = submit(c, "carol", steps=LIMITS["--max-train-steps"])
+        wait_for(lambda: job(c, running)["progress"] > 0, 60, "the job to start training", service)
+        queued = submit(c, "carol2", steps=LIMITS["--max-train-steps"])
+    with service.client() as admin:
+        assert admin.delete("/v1/admin/tenants/carol-co").status_code == 204
+        again = admin.post("/v1/admin/tenants", json={"tenant_id": "carol-co"})
+        assert again.status_code == 201
+        new_key = admin.post("/v1/admin/tenants", json={"tenant_id": "carol-new"}).json()["api_key"]
+    with service.client(key) as old:
+        assert old.get("/v1/prefixes").status_code == 401  # the old key is gone at once
+    with service.client(new_key) as c:
+        # the single worker runs this only after it dropped the deleted tenant's job
+        done = submit(c, "zed", steps=1)
+        wait_for(lambda: job(c, done)["status"] in FINISHED, 120, "the next job", service)
+        assert job(c, done)["status"] == "succeeded"
+    with service.client(again.json()["api_key"]) as c:
+        for job_id in (running, queued):
+            assert c.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert c.get("/v1/prefixes").json()["data"] == []
+        assert c.get("/v1/prefixes/user:carol").status_code == 404

@@ -81,6 +81,19 @@ def test_a_deleted_base_prefix_fails_the_job(parts):
     assert "base prefix 'task' was deleted before the job ran" in queue.get("acme", job_id).error
 
 
+def test_a_job_of_a_tenant_deleted_and_created_again_publishes_nothing(parts):
+    worker, queue, store, fingerprint = parts
+    store.create_tenant("acme")
+    spec = {**job_spec(fingerprint), "tenant_incarnation": store.tenant_incarnation("acme")}
+    job_id = queue.submit("acme", "ada", spec)
+    claimed = queue.claim("w1")
+    store.delete_tenant("acme")  # while the job runs
+    store.create_tenant("acme")
+    assert worker.run_job(claimed) == JobStatus.FAILED
+    assert "tenant 'acme' was deleted" in queue.get("acme", job_id).error
+    assert store.list("acme") == []
+
+
 def test_a_stopping_worker_gives_the_job_back(parts):
     worker, queue, store, fingerprint = parts
     job_id = queue.submit("acme", "ada", job_spec(fingerprint, steps=100_000))

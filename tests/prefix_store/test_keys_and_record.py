@@ -80,3 +80,10 @@ def test_record_json_round_trip_and_ref():
     assert PrefixEvent.from_json(event.to_json()) == event
     with pytest.raises(ValueError, match="kind"):
         PrefixEvent.from_json(event.to_json().replace("delete", "nope"))
+
+
+def test_a_huge_invalid_id_is_cut_in_the_message():
+    with pytest.raises(InvalidIdError) as info:
+        validate_prefix_id("x/" * 5000)
+    message = str(info.value)
+    assert len(message) < 300 and "(10000 characters)" in message and PREFIX_RULE in message

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from prefix_store.errors import InvalidIdError, TenantExistsError
+from prefix_store.errors import InvalidIdError, TenantDeletedError, TenantExistsError
 from tests.prefix_store.helpers import FINGERPRINT, make_kv, namespace_keys
 
 
@@ -82,6 +82,46 @@ def test_delete_tenant_removes_its_key_and_prefixes_only(store, raw):
     assert store.tenant_for_key(key) is None and store.list("acme") == []
     assert store.list_tenants() == ["globex"]
     left = [k.decode() for k in namespace_keys(raw, store.keys.namespace)]
-    assert not [k for k in left if "{t:acme}" in k]
+    # only the tombstone that refuses late writes is left of acme
+    assert [k for k in left if "{t:acme}" in k] == [store.keys.incarnation("acme")]
     assert store.tenant_for_key(other) == "globex" and store.get("globex", "p") is not None
     assert store.delete_tenant("acme") is False
+
+
+def test_nothing_is_written_into_a_deleted_tenant_nor_reappears_when_it_is_created_again(store):
+    store.create_tenant("acme")
+    life = store.tenant_incarnation("acme")
+    assert life is not None
+    store.put("acme", "p", make_kv(0), model_fingerprint=FINGERPRINT, incarnation=life)
+    assert store.delete_tenant("acme") is True
+    # a late write (a job that was running, an upload in flight) is refused
+    with pytest.raises(TenantDeletedError, match="tenant 'acme' was deleted"):
+        store.put("acme", "user:carol", make_kv(1), model_fingerprint=FINGERPRINT, incarnation=life)
+    with pytest.raises(TenantDeletedError):
+        store.put("acme", "q", make_kv(1), model_fingerprint=FINGERPRINT)
+    store.create_tenant("acme")
+    assert store.list("acme") == [] and store.tenant_incarnation("acme") not in (None, life)
+    # the old life's job still cannot write into the new one
+    with pytest.raises(TenantDeletedError):
+        store.put("acme", "user:carol", make_kv(1), model_fingerprint=FINGERPRINT, incarnation=life)
+    assert store.list("acme") == []
+    store.put("acme", "q", make_kv(1), model_fingerprint=FINGERPRINT)  # the new life writes as usual
+    assert [r.prefix_id for r in store.list("acme")] == ["q"]
+
+
+def test_deleting_a_tenant_without_a_record_touches_nothing(store):
+    """The admin tenant has prefixes but no record: deleting its name must not wipe them."""
+    store.put("admin", "house-style", make_kv(0), model_fingerprint=FINGERPRINT)
+    assert store.delete_tenant("admin") is False
+    assert store.get("admin", "house-style") is not None
+
+
+def test_a_half_done_deletion_is_finished_by_calling_again(store, raw):
+    store.create_tenant("acme")
+    store.put("acme", "p", make_kv(0), model_fingerprint=FINGERPRINT)
+    store._tenants.delete("acme")  # as if the deletion stopped right after the key went
+    raw.set(store.keys.incarnation("acme"), "deleting")
+    with pytest.raises(TenantExistsError, match="still being deleted"):
+        store.create_tenant("acme")
+    assert store.delete_tenant("acme") is True
+    assert store.list("acme") == []
