@@ -33,8 +33,8 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import load_model
 from server.training.data import Example, group_references, read_examples, tokenize
 from server.training.evaluate import evaluate_bleu
-from server.training.peft_export import export_peft_adapter
-from server.training.prefix_forward import model_spec
+from server.prefix import ModelSpec
+from server.prefix.peft_format import write_adapter
 from server.training.trainer import TrainConfig, train_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def main() -> None:
 
     result = train_prefix(model, data, config, tokenizer=tok, progress=progress)
     if args.prefix_out:
-        export_peft_adapter(result.kv, args.prefix_out, model_spec(model), mid_dim=config.mid_dim)
+        write_adapter(result.kv, args.prefix_out, ModelSpec.from_hf(model), mid_dim=config.mid_dim)
     score("prefix", kv=result.kv, stop=("\n",))
     results["prefix"].update({
         "train_seconds": round(result.seconds, 1), "steps": result.steps_done,

@@ -144,7 +144,7 @@ def main() -> None:
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
     from server.engine.model_loader import ensure_default_model, resolve_dtype
-    from server.engine.prefix import load_peft_adapter
+    from server.prefix.peft_format import read_adapter
 
     torch.manual_seed(0)
     path = ensure_default_model()
@@ -161,7 +161,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         cfg = EngineConfig(max_num_seqs=max(64, args.requests), max_num_batched_tokens=args.max_num_batched_tokens)
         shared_engine, own_engine = LLMEngine(model, tokenizer, cfg), LLMEngine(model, tokenizer, cfg)
-        own = [own_engine.make_prefix(load_peft_adapter(a, own_engine.spec)) for a in adapters]
+        own = [own_engine.make_prefix(read_adapter(a, own_engine.spec)) for a in adapters]
         runs = {
             "engine_shared": engine_run(shared_engine, [own[0]] * len(reqs), reqs, args.new_tokens),
             "engine_own": engine_run(own_engine, own, reqs, args.new_tokens),

@@ -6,7 +6,7 @@
 1. Cold prefix load (issue 3): Redis -> ready on the device, for SmolLM2 with prefix length
    16: the store read (metadata, then the tensor of that version), validation and the cast
    to the engine dtype (engine.make_prefix), and the copy into KV blocks
-   (prefix_cache.acquire). Each load is of a prefix that is in neither cache. p50 and p99.
+   (DevicePrefixes.acquire). Each load is of a prefix that is in neither cache. p50 and p99.
 2. Throughput: 32 concurrent clients, each on its own prefix, each sending --per-client
    requests one after another (~32-token prompts, 64 new tokens, greedy, EOS ignored):
    - through HTTP: a `prefix-serve serve` process (its own interpreter, as deployed), with
@@ -48,7 +48,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cold_loads(engine, store, count: int, prefix_len: int) -> dict:
-    from server.engine.prefix import PrefixRef
+    from server.prefix import PrefixRef
 
     g = torch.Generator().manual_seed(0)
     ids = []
@@ -61,11 +61,11 @@ def cold_loads(engine, store, count: int, prefix_len: int) -> dict:
         t0 = time.perf_counter()
         record, kv = store.get("bench", prefix_id)
         prefix = engine.make_prefix(kv, (PrefixRef("bench", prefix_id, record.version),))
-        entry = engine.prefix_cache.acquire(prefix)
+        entry = engine.kv.prefixes.acquire(prefix)
         t1 = time.perf_counter()
         assert entry is not None
-        engine.prefix_cache.release(prefix.key)
-        engine.prefix_cache.drop(prefix.key)
+        engine.kv.prefixes.release(prefix.key)
+        engine.kv.prefixes.drop(prefix.key)
         times.append(t1 - t0)
     return {"loads": count, "p50_ms": percentile(times, 50) * 1e3, "p99_ms": percentile(times, 99) * 1e3,
             "mean_ms": statistics.mean(times) * 1e3}
@@ -169,7 +169,8 @@ def main() -> None:
     from prefix_store.redis_process import RedisServer
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
-    from server.engine.model_loader import default_cache_dir, ensure_default_model, resolve_dtype
+    from server.cache_dir import default_cache_dir
+    from server.engine.model_loader import ensure_default_model, resolve_dtype
 
     path = ensure_default_model()
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))

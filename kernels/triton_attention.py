@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention_metadata import AttentionMetadata
-from kernels import torch_attention
 
-__all__ = ["prefix_attention", "write_kv"]
+__all__ = ["prefix_attention"]
 
 _LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x * log2(e))
 
@@ -153,11 +152,6 @@ def build_plan(meta: AttentionMetadata, device: torch.device) -> TritonPlan:
     return TritonPlan(tiles=tiles, num_tiles=len(requests), block_m=block_m)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    torch_attention.write_kv(k_cache, v_cache, k, v, slot_mapping)
-
-
 def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float, block_n: int = 64) -> torch.Tensor:
     """q: [T, H, hd]; caches: [num_blocks, block_size, Hkv, hd] -> out [T, H, hd] (q's dtype).
@@ -169,7 +163,7 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         allowed(k) = k < P + (n - q_b) + j + 1                           # whole prefix + causal own
         out[b, j, h] = softmax(scale * q[b, j, h] . keys[allowed, h // (H // Hkv)]) @ values[allowed, ...]
 
-    The caches must already hold this step's keys and values (see write_kv). block_n is the
+    The caches must already hold this step's keys and values (see kernels.write_kv). block_n is the
     number of slots each inner step reads (a power of two >= 16).
     """
     num_tokens, num_heads, head_dim = q.shape

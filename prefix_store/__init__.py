@@ -1,7 +1,6 @@
 """prefix_store: the only code that knows Redis. Versioned prefixes, tenants, API keys, events."""
 
 from prefix_store.errors import (
-    InvalidIdError,
     StoreIntegrityError,
     StoreUnavailableError,
     TenantDeletedError,
@@ -13,6 +12,6 @@ from prefix_store.store import PrefixStore
 from prefix_store.subscription import Subscription
 
 __all__ = [
-    "InvalidIdError", "PrefixEvent", "PrefixRecord", "PrefixStore", "RedisServer",
+    "PrefixEvent", "PrefixRecord", "PrefixStore", "RedisServer",
     "StoreIntegrityError", "StoreUnavailableError", "Subscription", "TenantDeletedError", "TenantExistsError",
 ]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server.engine.prefix import FLOAT_DTYPES, PrefixError
+from server.prefix import FLOAT_DTYPES, PrefixError
 
 TENSOR_NAME = "prefix_kv"
 

@@ -3,25 +3,6 @@
 from __future__ import annotations
 
 
-MAX_ID_IN_MESSAGE = 140  # characters of a client's id echoed in an error (a valid id has at most 128)
-
-
-def shorten(value: object, limit: int = MAX_ID_IN_MESSAGE) -> str:
-    """repr(value), cut to about `limit` characters: error messages never echo a huge id."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
-
-
-class InvalidIdError(ValueError):
-    """A tenant or prefix id that breaks its naming rule; raised before anything is written."""
-
-    def __init__(self, kind: str, value: object, rule: str):
-        self.kind = kind
-        self.value = value
-        self.rule = rule
-        super().__init__(f"invalid {kind} {shorten(value)}: must match {rule}")
-
-
 class StoreUnavailableError(RuntimeError):
     """Redis cannot be reached (refused, timed out, loading). The API maps it to 503."""
 

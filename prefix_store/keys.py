@@ -11,43 +11,18 @@ key hashes share the tag `{tenants}` for the same reason.
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
     ps:events                                    pub/sub channel of PrefixEvent JSON
-    (the job queue's keys, under the tag `{jobs}`, are named in jobs.py)
+    (the job queue's keys, under the tag `{jobs}`, are named in job_queue.py)
 
-Ids never contain `{` or `}`, so the hash tag of a key is always the tenant's. Versions are
-16 hex digits and never end in a word of the key grammar, so no two ids share a key.
+Ids (their rules are in server/prefix/ids.py) never contain `{` or `}`, so the hash tag of a
+key is always the tenant's. Versions are 16 hex digits and never end in a word of the key
+grammar, so no two ids share a key.
 """
 
 from __future__ import annotations
 
 import re
 
-from prefix_store.errors import InvalidIdError
-
-TENANT_RULE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-PREFIX_RULE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-VERSION_RULE = r"^[0-9a-f]{16}$"
-_TENANT_RE = re.compile(TENANT_RULE)
-_PREFIX_RE = re.compile(PREFIX_RULE)
-_VERSION_RE = re.compile(VERSION_RULE)
-
-
-def _check(kind: str, value: object, pattern: re.Pattern, rule: str) -> str:
-    # fullmatch: `$` alone would accept a trailing newline
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise InvalidIdError(kind, value, rule)
-    return value
-
-
-def validate_tenant(tenant: object) -> str:
-    return _check("tenant id", tenant, _TENANT_RE, TENANT_RULE)
-
-
-def validate_prefix_id(prefix_id: object) -> str:
-    return _check("prefix id", prefix_id, _PREFIX_RE, PREFIX_RULE)
-
-
-def validate_version(version: object) -> str:
-    return _check("version", version, _VERSION_RE, VERSION_RULE)
+from server.prefix.ids import InvalidIdError, validate_prefix_id, validate_tenant, validate_version
 
 
 def hash_tag(key: str) -> str:

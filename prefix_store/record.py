@@ -6,7 +6,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Literal
 
-from server.engine.prefix import PrefixRef
+from server.prefix import PrefixRef
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,6 @@ class PrefixEvent:
     tenant: str
     prefix_id: str
     version: str  # the version written ("put") or removed ("delete")
-
-    @property
-    def ref(self) -> PrefixRef:
-        return PrefixRef(tenant=self.tenant, prefix_id=self.prefix_id, version=self.version)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)

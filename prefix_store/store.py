@@ -23,7 +23,8 @@ import torch
 from prefix_store import codec
 from prefix_store.connection import make_client, unavailable_as_error
 from prefix_store.errors import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
-from prefix_store.keys import Keys, validate_prefix_id, validate_tenant, validate_version
+from prefix_store.keys import Keys
+from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord
 from prefix_store.subscription import Subscription
 from prefix_store.tenants import TenantDirectory

@@ -31,7 +31,6 @@ class Subscription:
         self._poll_interval = poll_interval
         self._closed = threading.Event()
         self._ready = threading.Event()
-        self.reconnects = 0  # re-subscriptions after a lost connection
         self._thread = threading.Thread(target=self._run, name=f"prefix-events:{channel}", daemon=True)
         self._thread.start()
 
@@ -64,7 +63,6 @@ class Subscription:
                         self._ready.set()
                         backoff = 0.05
                         if subscribed_before:
-                            self.reconnects += 1
                             self._safe_call(self._on_reconnect)
                         subscribed_before = True
                     elif message["type"] == "message":

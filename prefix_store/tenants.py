@@ -11,7 +11,8 @@ import time
 import redis
 
 from prefix_store.errors import TenantExistsError
-from prefix_store.keys import Keys, validate_tenant
+from prefix_store.keys import Keys
+from server.prefix.ids import validate_tenant
 
 API_KEY_PREFIX = "ps-"
 API_KEY_LENGTH = len(API_KEY_PREFIX) + 32  # token_urlsafe(24) gives 32 characters

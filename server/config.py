@@ -1,9 +1,12 @@
-"""Every server setting, read in one place: `PREFIX_SERVE_*` environment variables and the
-flags of `prefix-serve serve` (one flag per field, `--kv-cache-bytes` for
-`kv_cache_bytes`; a flag overrides the environment).
+"""Every setting, read in one place: `PREFIX_SERVE_*` environment variables and the flags of
+the commands (one flag per field, `--kv-cache-bytes` for `kv_cache_bytes`; a flag overrides
+the environment). `serve` takes every server field as a flag; `worker` and the client
+commands (`upload`, `prefixes`) take the fields they use (WORKER_FIELDS, CLIENT_FIELDS),
+under their older flag names too.
 
 Each component receives only its part: `engine_config()` for the engine, the rest is read
-by the api and the serve command.
+by the api and the commands. Standard library and pydantic only: the client commands
+import this without torch.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine.model_loader import default_cache_dir
+from server.cache_dir import default_cache_dir
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -92,23 +95,44 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="address of the metrics_port listener")
     docs: bool = Field(True, description="serve the OpenAPI document and the /docs and /redoc pages")
 
+    namespace: str = Field("ps", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+                           description="prefix of every Redis key: servers and workers on one Redis must agree")
+
+    # --- the training worker (`prefix-serve worker`)
+    train_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="the worker's training dtype (float32 trains best; it may differ from serve's)")
+    train_mid_dim: int = Field(512, ge=1, description="hidden width of the MLP reparameterization")
+    train_batch_size: int = Field(8, ge=1, description="examples per training step")
+    worker_name: str | None = Field(None, description="this worker's name in the consumer group (default host-pid)")
+    worker_nice: int = Field(0, ge=0, le=19, description="lower the worker's CPU priority (serve starts its own at 10)")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads of the worker (default torch's)")
+
     # --- lifecycle
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for running requests")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
+    # --- the client commands (`prefix-serve upload`, `prefix-serve prefixes`)
+    url: str = Field("http://127.0.0.1:8000", description="the server the client commands talk to")
+    api_key: SecretStr | None = Field(
+        None, description="the key the client commands send; unset: the admin key, else the one a local serve saved")
+    client_timeout_s: float = Field(300.0, gt=0, description="how long the client commands wait for the server")
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        # An open port without an admin key would let anyone create tenants.
-        if self.admin_key is None and not is_loopback(self.host):
-            raise ValueError(
-                f"host {self.host} is not a loopback address, so an admin key is required: "
-                "set PREFIX_SERVE_ADMIN_KEY or pass --admin-key")
         if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 16:
             raise ValueError("the admin key must be at least 16 characters long")
         if self.max_upload_bytes < self.max_prefix_bytes:
             raise ValueError(f"max_upload_bytes ({self.max_upload_bytes}) must be at least max_prefix_bytes "
                              f"({self.max_prefix_bytes}), or the largest prefix could not be uploaded")
         return self
+
+    def check_serving(self) -> None:
+        """What `serve` needs beyond valid values: an open port without an admin key would let
+        anyone create tenants. Raises ValueError saying what to set."""
+        if self.admin_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is not a loopback address, so an admin key is required: "
+                "set PREFIX_SERVE_ADMIN_KEY or pass --admin-key")
 
     @property
     def metrics_need_key(self) -> bool:
@@ -126,16 +150,37 @@ class Settings(BaseSettings):
 
 # --- CLI: one flag per field, generated so the two can never drift apart
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+WORKER_FIELDS = {  # field -> the worker's older flag name, kept working
+    "model": None, "redis_url": None, "namespace": None, "train_dtype": "--dtype", "device": None,
+    "worker_name": "--consumer", "job_claim_timeout_s": "--claim-timeout", "job_max_attempts": "--max-attempts",
+    "train_mid_dim": "--mid-dim", "train_batch_size": "--batch-size", "torch_threads": "--threads",
+    "worker_nice": "--nice", "cache_dir": None, "metrics_port": None, "metrics_host": "--metrics-addr",
+    "log_level": None,
+}
+CLIENT_FIELDS = {"url": None, "api_key": "--key", "client_timeout_s": "--timeout"}
+SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url", "cache_dir", "model", "dtype",
+                                         "device", "kv_cache_bytes", "block_size", "max_num_seqs",
+                                         "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s",
+                                         "request_timeout_s", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
+                                         "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
+                                         "max_jobs_per_tenant", "max_train_examples", "max_train_example_tokens",
+                                         "max_train_steps", "max_train_virtual_tokens", "job_claim_timeout_s",
+                                         "job_max_attempts", "namespace", "metrics_key", "metrics_port",
+                                         "metrics_host", "docs", "drain_timeout_s", "log_level")}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, fields: dict[str, str | None] | None = None) -> None:
+    """A flag for each of `fields` (default: the server's), plus the older name where one is given."""
+    for name, old_flag in (fields if fields is not None else SERVER_FIELDS).items():
+        field = Settings.model_fields[name]
+        flags = ["--" + name.replace("_", "-")] + ([old_flag] if old_flag else [])
         help_text = f"{field.description} (env PREFIX_SERVE_{name.upper()})"
         if _base_type(field.annotation) is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         else:
             # Strings go to pydantic, which converts and checks them like env values.
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+            parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -151,3 +196,12 @@ def _base_type(annotation: Any) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return non_none[0] if len(non_none) == 1 else annotation
     return annotation
+
+
+def first_error(e: ValidationError) -> str:
+    """The first problem of a ValidationError in one line: 'port: Input should be a valid integer'."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = err.get("msg", str(e)).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+

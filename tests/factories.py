@@ -10,8 +10,9 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig,
 
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
-from server.engine.prefix import ModelSpec, Prefix, load_peft_adapter
-from server.training.prefix_forward import cache_argument
+from server.prefix import ModelSpec, Prefix
+from server.prefix.peft_format import read_adapter
+from server.training.prefix_forward import cache_argument, prefix_dynamic_cache
 
 
 def tiny_llama(seed: int = 0, vocab: int = 320, initializer_range: float = 0.02, eos: int = 2) -> LlamaForCausalLM:
@@ -55,7 +56,7 @@ def save_and_load_prefix(peft_model, spec: ModelSpec) -> torch.Tensor:
     """Save the adapter the way users do and read it back with prefix-serve's loader."""
     with tempfile.TemporaryDirectory() as d:
         peft_model.save_pretrained(d)
-        return load_peft_adapter(Path(d), spec)
+        return read_adapter(Path(d), spec)
 
 
 def random_prefix(engine: LLMEngine, length: int, seed: int) -> Prefix:
@@ -103,3 +104,30 @@ def tiny_qwen3(seed: int = 0, vocab: int = 320):
                       num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=256,
                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=False)
     return Qwen3ForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def greedy_generate(model, kv: torch.Tensor | None, prompt_ids: list[int], max_tokens: int,
+                    eos_token_id: int | None = None) -> list[int]:
+    """Greedy tokens after `prompt_ids` with prefix kv [L, 2, Hkv, P, hd] (or None), by HF's
+    own forward with the prefix as its cache: a test oracle."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    prefix_len = 0 if kv is None else kv.shape[3]
+    cache = DynamicCache() if kv is None else prefix_dynamic_cache(kv.to(device, dtype), 1)
+    ids = torch.tensor([prompt_ids], device=device)
+    start = prefix_len
+    out: list[int] = []
+    for _ in range(max_tokens):
+        n = ids.shape[1]
+        mask = torch.ones(1, start + n, dtype=torch.long, device=device)
+        positions = torch.arange(start, start + n, device=device).unsqueeze(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **cache_argument(model, cache)).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token == eos_token_id:
+            break
+        start += n
+        ids = torch.tensor([[token]], device=device)
+    return out

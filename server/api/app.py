@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from prefix_store import PrefixStore
-from prefix_store.jobs import JobQueue
+from prefix_store.job_queue import JobQueue
 from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
                         routes_prefixes)
 from server.api.auth import Authenticator
@@ -24,8 +24,9 @@ from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
-from server.metrics import MetricsMiddleware
-from server.residency import HostPrefixCache, PrefixResolver
+from server.api.metrics_middleware import MetricsMiddleware
+from server.api.host_prefixes import HostPrefixes
+from server.api.prefix_resolver import PrefixResolver
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     if settings.admin_key is None:
         raise ValueError("create_app needs settings.admin_key (`serve` generates one on loopback)")
     spec = engine.engine.spec
-    resolver = PrefixResolver(store, engine.engine.make_prefix, HostPrefixCache(settings.host_cache_bytes),
+    resolver = PrefixResolver(store, engine.engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
                               spec.fingerprint, admin_tenant=settings.admin_tenant,
                               shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix)
     auth = Authenticator(store, settings.admin_key.get_secret_value(), settings.admin_tenant)

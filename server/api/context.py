@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from prefix_store import PrefixStore
-from prefix_store.jobs import JobQueue
+from prefix_store.job_queue import JobQueue
 from server.api.auth import Authenticator
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
-from server.residency import PrefixResolver
+from server.api.prefix_resolver import PrefixResolver
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 Validation errors, unknown routes (404), wrong methods (405) and crashes (500) included, so
 a client (the `openai` package among them) always finds a message that says what to change.
+The exceptions of the store, the engine and the prefix domain are mapped to HTTP here,
+once (`api_error_for`): routes let them propagate, and a stream that already sent its
+headers turns them into an error event with the same mapping.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefix_store.errors import shorten
+from prefix_store import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
+from prefix_store.job import TooManyJobsError
+from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable
+from server.engine.async_engine import EngineDeadError, QueueFullError
+from server.engine.tokenization import TemplateError
+from server.prefix import InvalidIdError, ModelMismatchError, PrefixError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +58,52 @@ def error_response(status: int, message: str, kind: str | None = None,
     return JSONResponse(error_body(status, message, kind), status_code=status, headers=headers)
 
 
+_RETRY_SOON = {"Retry-After": "1"}
+
+
+def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
+    """The HTTP error of an exception the domain raises; None for anything else (a bug: 500)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, StoreUnavailableError):
+        return ApiError(503, "the prefix store (Redis) is unreachable; retry shortly", "service_unavailable",
+                        _RETRY_SOON)
+    if isinstance(e, PrefixUnavailable):
+        return ApiError(503, str(e), "service_unavailable", _RETRY_SOON)
+    if isinstance(e, EngineDeadError):
+        return ApiError(503, str(e), "service_unavailable")
+    if isinstance(e, QueueFullError):
+        return ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
+                        {"Retry-After": str(retry_after_s)})
+    if isinstance(e, TooManyJobsError):
+        return ApiError(429, str(e), "rate_limit_error", {"Retry-After": "10"})
+    if isinstance(e, (PrefixNotFound, TenantDeletedError)):
+        return ApiError(404, str(e), "not_found_error")
+    if isinstance(e, (InvalidIdError, TemplateError)):
+        return ApiError(400, str(e))
+    if isinstance(e, TenantExistsError):
+        return ApiError(409, str(e), "conflict_error")
+    if isinstance(e, ModelMismatchError):
+        return ApiError(422, str(e), "model_mismatch")
+    if isinstance(e, PrefixError):
+        return ApiError(422, str(e), "invalid_prefix")
+    if isinstance(e, StoreIntegrityError):
+        return ApiError(500, str(e), "internal_error")
+    return None
+
+
+_MAPPED = (ApiError, StoreUnavailableError, PrefixUnavailable, EngineDeadError, QueueFullError, TooManyJobsError,
+           PrefixNotFound, TenantDeletedError, InvalidIdError, TemplateError, TenantExistsError, PrefixError,
+           StoreIntegrityError)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.message, e.kind, e.headers)
+    async def _mapped(request: Request, e: Exception) -> JSONResponse:
+        err = api_error_for(e, request.app.state.ctx.settings.retry_after_s)
+        return error_response(err.status, err.message, err.kind, err.headers)
+
+    for cls in _MAPPED:
+        app.add_exception_handler(cls, _mapped)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(_: Request, e: ClientGone) -> Response:

@@ -20,17 +20,15 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from prefix_store import InvalidIdError, StoreIntegrityError
 from server.api.auth import Caller
 from server.api.context import ServerContext
 from server.api.errors import ApiError, ClientGone
 from server.api.schemas import Message, PrefixUsed, SamplingFields
-from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.outputs import FinishReason, RequestOutput
-from server.engine.prefix import Prefix, PrefixError
+from server.engine.request import RequestError
 from server.engine.sampling_params import SamplingParams
-from server.engine.tokenization import ChatMessage, TemplateError, encode_text, render_chat
-from server.residency import USER_PREFIX, PrefixMismatch, PrefixNotFound, PrefixUnavailable
+from server.engine.tokenization import ChatMessage, encode_text, render_chat
+from server.prefix import USER_PREFIX, Prefix
 
 
 @dataclass
@@ -63,7 +61,7 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str], promp
                   messages: list[Message] | None, fields: SamplingFields, max_tokens: int | None,
                   id_prefix: str = "gen", parse_special_tokens: bool = False) -> GenerationJob:
     prompt_ids = await encode(ctx, prompt, messages, parse_special_tokens)
-    prefix = await resolve(ctx, caller, names)
+    prefix = await ctx.resolver.resolve(caller.tenant, names)
     used = [PrefixUsed(id=n, version=r.version) for n, r in zip(names, prefix.refs, strict=True)] if prefix else []
     if max_tokens is None:  # fill the context (OpenAI chat's default)
         max_tokens = max(1, ctx.spec.max_model_len - len(prompt_ids) - (prefix.length if prefix else 0))
@@ -97,25 +95,7 @@ async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: l
         size, work = sum(len(m.content) for m in chat), functools.partial(render_chat, tok, chat)
     else:
         size, work = len(prompt or ""), functools.partial(encode_text, tok, prompt or "", parse_special_tokens)
-    try:
-        return work() if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
-    except TemplateError as e:
-        raise ApiError(400, str(e)) from e
-
-
-async def resolve(ctx: ServerContext, caller: Caller, names: list[str]) -> Prefix | None:
-    try:
-        return await ctx.resolver.resolve(caller.tenant, names)
-    except PrefixNotFound as e:
-        raise ApiError(404, str(e), "not_found_error") from e
-    except InvalidIdError as e:
-        raise ApiError(400, str(e)) from e
-    except PrefixUnavailable as e:
-        raise ApiError(503, str(e), "service_unavailable", {"Retry-After": "1"}) from e
-    except (PrefixMismatch, PrefixError) as e:
-        raise ApiError(422, str(e), "invalid_prefix") from e
-    except StoreIntegrityError as e:
-        raise ApiError(500, str(e), "internal_error") from e
+    return work() if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
 
 
 # --- running
@@ -154,12 +134,8 @@ def _failed(out: RequestOutput) -> ApiError:
 async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     try:
         out = await anext(outputs)
-    except QueueFullError as e:
-        raise _queue_full(ctx, e) from e
-    except (ValueError, PrefixError) as e:  # check_request: does not fit the context, bad token id
+    except RequestError as e:  # check_request: does not fit the context, a token id outside the vocabulary
         raise ApiError(400, str(e)) from e
-    except EngineDeadError as e:
-        raise ApiError(503, str(e), "service_unavailable") from e
     if out.finish_reason == FinishReason.ERROR:
         raise _failed(out)
     return out
@@ -179,8 +155,6 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: flo
                 out = await asyncio.wait_for(anext(outputs), max(remaining, 0.0))
             except asyncio.TimeoutError as e:
                 raise _timeout(ctx) from e
-            except EngineDeadError as e:
-                raise ApiError(503, str(e), "service_unavailable") from e
             except StopAsyncIteration:
                 return
             if out.finish_reason == FinishReason.ERROR:
@@ -202,8 +176,6 @@ async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
                 out = await (_first(ctx, outputs) if first else anext(outputs))
             except StopAsyncIteration:
                 break
-            except EngineDeadError as e:
-                raise ApiError(503, str(e), "service_unavailable") from e
             if out.finish_reason == FinishReason.ERROR:
                 raise _failed(out)
             first = False
@@ -247,11 +219,6 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _queue_full(ctx: ServerContext, e: Exception) -> ApiError:
-    return ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
-                    {"Retry-After": str(ctx.settings.retry_after_s)})
 
 
 def _timeout(ctx: ServerContext) -> ApiError:

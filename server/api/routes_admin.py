@@ -10,8 +10,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from prefix_store import InvalidIdError, StoreUnavailableError, TenantExistsError
-from prefix_store.errors import shorten
+from server.prefix import shorten
 from server.api.auth import Caller, require_admin
 from server.api.context import get_ctx
 from server.api.errors import ApiError
@@ -20,31 +19,19 @@ from server.api.schemas import CreateTenantRequest, CreateTenantResponse, Tenant
 router = APIRouter(tags=["admin"])
 
 
-async def _call(fn, *args):
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except StoreUnavailableError as e:
-        raise ApiError(503, "the prefix store is unreachable; nothing was changed, retry shortly",
-                       "service_unavailable", {"Retry-After": "1"}) from e
-    except InvalidIdError as e:
-        raise ApiError(400, str(e)) from e
-    except TenantExistsError as e:
-        raise ApiError(409, str(e), "conflict_error") from e
-
-
 @router.post("/v1/admin/tenants", response_model=CreateTenantResponse, status_code=201)
 async def create_tenant(body: CreateTenantRequest, request: Request,
                         _: Caller = Depends(require_admin)) -> CreateTenantResponse:
     ctx = get_ctx(request)
     if body.tenant_id == ctx.settings.admin_tenant:
         raise ApiError(409, f"tenant id {body.tenant_id!r} is reserved for the admin key", "conflict_error")
-    api_key = await _call(ctx.store.create_tenant, body.tenant_id)
+    api_key = await asyncio.to_thread(ctx.store.create_tenant, body.tenant_id)
     return CreateTenantResponse(tenant_id=body.tenant_id, api_key=api_key)
 
 
 @router.get("/v1/admin/tenants", response_model=TenantList)
 async def list_tenants(request: Request, _: Caller = Depends(require_admin)) -> TenantList:
-    return TenantList(data=await _call(get_ctx(request).store.list_tenants))
+    return TenantList(data=await asyncio.to_thread(get_ctx(request).store.list_tenants))
 
 
 @router.delete("/v1/admin/tenants/{tenant_id}", status_code=204)
@@ -55,8 +42,8 @@ async def delete_tenant(tenant_id: str, request: Request, _: Caller = Depends(re
     if tenant_id == ctx.settings.admin_tenant:
         raise ApiError(400, f"{tenant_id!r} is the admin tenant (the admin key's own, whose shared prefixes every "
                             "tenant may use); it cannot be deleted: delete its prefixes one by one instead")
-    if not await _call(ctx.store.delete_tenant, tenant_id):
+    if not await asyncio.to_thread(ctx.store.delete_tenant, tenant_id):
         raise ApiError(404, f"tenant {shorten(tenant_id)} not found", "not_found_error")
     ctx.auth.forget(tenant_id)
-    await _call(ctx.jobs.delete_tenant, tenant_id)
+    await asyncio.to_thread(ctx.jobs.delete_tenant, tenant_id)
     return Response(status_code=204)

@@ -16,10 +16,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 
-from prefix_store import StoreUnavailableError
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
-from server.api.errors import ApiError
 from server.api.generation import (
     GenerationJob, complete, finish_reason_name, open_stream, prefix_names, prepare)
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIFields
@@ -111,11 +109,7 @@ async def _chat_chunks(head: dict, job: GenerationJob, outputs: AsyncIterator[Re
 async def models(request: Request, caller: Caller = Depends(require_caller)) -> ModelList:
     """The base model (no prefix) and the caller's own prefixes, each usable as `model`."""
     ctx = get_ctx(request)
-    try:
-        records = await asyncio.to_thread(ctx.store.list, caller.tenant)
-    except StoreUnavailableError as e:
-        raise ApiError(503, "the prefix store is unreachable; retry shortly", "service_unavailable",
-                       {"Retry-After": "1"}) from e
+    records = await asyncio.to_thread(ctx.store.list, caller.tenant)
     cards = [ModelCard(id=ctx.model_name, created=int(ctx.started_at), owned_by="prefix-serve")]
     cards += [ModelCard(id=r.prefix_id, created=int(r.created_at), owned_by=caller.tenant) for r in records]
     return ModelList(data=cards)

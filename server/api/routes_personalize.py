@@ -1,4 +1,4 @@
-"""Personalization (API.md): queue a job that trains `user:<user_id>`, watch it, cancel it.
+"""Personalization (docs/api.md): queue a job that trains `user:<user_id>`, watch it, cancel it.
 
     POST   /v1/users/{user_id}/personalize  -> 202 {"job_id", "status"}
     GET    /v1/jobs/{job_id}                -> status, progress, loss, prefix_id, error
@@ -17,15 +17,14 @@ import asyncio
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefix_store import InvalidIdError, StoreUnavailableError
-from prefix_store.errors import shorten
-from prefix_store.job import Job, JobStatus, TooManyJobsError
-from prefix_store.keys import validate_prefix_id
+from prefix_store.job import Job, JobStatus
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
 from server.api.errors import ApiError
-from server.residency import USER_PREFIX, PrefixNotFound
-from server.training.data import encode_prompt
+from server.api.prefix_resolver import PrefixNotFound
+from server.prefix import InvalidIdError, shorten, user_prefix_id
+from server.training.data import Example, encode_prompt
+from server.training.job_spec import BasePrefix, JobSpec
 
 router = APIRouter(tags=["personalization"])
 MAX_LEARNING_RATE = 0.1  # above this prefix-tuning diverges; the paper uses 5e-5 to 8e-5 with larger batches
@@ -75,17 +74,9 @@ class JobInfo(BaseModel):
 def job_info(job: Job) -> JobInfo:
     return JobInfo(job_id=job.job_id, user_id=job.user_id, status=job.status.value, progress=job.progress,
                    loss=job.loss, prefix_id=job.prefix_id if job.status == JobStatus.SUCCEEDED else None,
-                   version=job.version, error=job.error, step=job.step, steps=int(job.spec.get("steps", 0)),
+                   version=job.version, error=job.error, step=job.step, steps=JobSpec.from_dict(job.spec).steps,
                    attempts=job.attempts, cancel_requested=job.cancel_requested, created_at=job.created_at,
                    started_at=job.started_at, finished_at=job.finished_at)
-
-
-async def _queue_call(fn, *args):
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except StoreUnavailableError as e:
-        raise ApiError(503, "the job queue (Redis) is unreachable; nothing was changed, retry shortly",
-                       "service_unavailable", {"Retry-After": "1"}) from e
 
 
 @router.post("/v1/users/{user_id}/personalize", status_code=202, response_model=JobAccepted)
@@ -93,32 +84,25 @@ async def personalize(user_id: str, body: PersonalizeRequest, request: Request, 
                       caller: Caller = Depends(require_caller)) -> JobAccepted:
     ctx: ServerContext = get_ctx(request)
     try:
-        validate_prefix_id(USER_PREFIX + user_id)
+        user_prefix_id(user_id)
     except InvalidIdError as e:
         raise ApiError(400, f"user id {shorten(user_id)} cannot name a prefix: {e}") from e
     _check_numbers(ctx, body)
-    base = await _base_prefix(ctx, caller, body.base_prefix_id)
-    await asyncio.to_thread(_check_lengths, ctx, body, base["num_virtual_tokens"] if base else 0)
-    spec = {
-        "examples": [e.model_dump() for e in body.examples], "num_virtual_tokens": body.num_virtual_tokens,
-        "steps": body.steps, "learning_rate": body.learning_rate, "init_text": body.init_text, "seed": body.seed,
-        "base_prefix": base and {k: base[k] for k in ("name", "tenant", "prefix_id")},
-        # the worker checks it runs these weights, and publishes the prefix for them
-        "model_fingerprint": ctx.spec.fingerprint,
-        # the worker publishes only into this life of the tenant (not after it was deleted)
-        "tenant_incarnation": await _queue_call(ctx.store.tenant_incarnation, caller.tenant),
-    }
-    try:
-        job_id = await _queue_call(ctx.jobs.submit, caller.tenant, user_id, spec)
-    except TooManyJobsError as e:
-        raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "10"}) from e
+    base, base_len = await _base_prefix(ctx, caller, body.base_prefix_id)
+    await asyncio.to_thread(_check_lengths, ctx, body, base_len)
+    spec = JobSpec(examples=tuple(Example(e.prompt, e.completion) for e in body.examples),
+                   num_virtual_tokens=body.num_virtual_tokens, steps=body.steps, learning_rate=body.learning_rate,
+                   model_fingerprint=ctx.spec.fingerprint, init_text=body.init_text, seed=body.seed,
+                   base_prefix=base,
+                   tenant_incarnation=await asyncio.to_thread(ctx.store.tenant_incarnation, caller.tenant))
+    job_id = await asyncio.to_thread(ctx.jobs.submit, caller.tenant, user_id, spec.to_dict())
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return JobAccepted(job_id=job_id, status=JobStatus.QUEUED.value)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobInfo)
 async def get_job(job_id: str, request: Request, caller: Caller = Depends(require_caller)) -> JobInfo:
-    job = await _queue_call(get_ctx(request).jobs.get, caller.tenant, job_id)
+    job = await asyncio.to_thread(get_ctx(request).jobs.get, caller.tenant, job_id)
     if job is None:
         raise ApiError(404, f"job {shorten(job_id)} not found (finished jobs are kept for a week)", "not_found_error")
     return job_info(job)
@@ -129,7 +113,7 @@ async def get_job(job_id: str, request: Request, caller: Caller = Depends(requir
                           409: {"description": "the job already succeeded or failed"}})
 async def cancel_job(job_id: str, request: Request, response: Response,
                      caller: Caller = Depends(require_caller)) -> JobInfo:
-    job = await _queue_call(get_ctx(request).jobs.cancel, caller.tenant, job_id)
+    job = await asyncio.to_thread(get_ctx(request).jobs.cancel, caller.tenant, job_id)
     if job is None:
         raise ApiError(404, f"job {shorten(job_id)} not found", "not_found_error")
     if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
@@ -154,24 +138,20 @@ def _check_numbers(ctx: ServerContext, body: PersonalizeRequest) -> None:
         raise ApiError(400, "this server's model has no tokenizer; personalization needs one to read the examples")
 
 
-async def _base_prefix(ctx: ServerContext, caller: Caller, name: str | None) -> dict | None:
-    """The base prefix's owner, id and length, after checking it exists for the caller."""
+async def _base_prefix(ctx: ServerContext, caller: Caller, name: str | None) -> tuple[BasePrefix | None, int]:
+    """The base prefix (and its length), after checking the caller may train on top of it."""
     if name is None:
-        return None
+        return None, 0
     try:
         record = await asyncio.to_thread(ctx.resolver.record_of, caller.tenant, name)
     except PrefixNotFound as e:
         raise ApiError(404, f"base_prefix_id: {e}", "not_found_error") from e
     except InvalidIdError as e:
         raise ApiError(400, f"base_prefix_id: {e}") from e
-    except StoreUnavailableError as e:
-        raise ApiError(503, "the prefix store is unreachable; retry shortly", "service_unavailable",
-                       {"Retry-After": "1"}) from e
     if record.model_fingerprint != ctx.spec.fingerprint:
-        raise ApiError(422, f"base_prefix_id: prefix {name!r} was made for base model {record.model_fingerprint}; "
-                            f"this server runs {ctx.spec.fingerprint}", "invalid_prefix")
-    return {"name": name, "tenant": record.tenant, "prefix_id": record.prefix_id,
-            "num_virtual_tokens": record.num_virtual_tokens}
+        raise ApiError(422, f"base_prefix_id: prefix {shorten(name)} was made for base model "
+                            f"{record.model_fingerprint}; this server runs {ctx.spec.fingerprint}", "model_mismatch")
+    return BasePrefix(name=name, tenant=record.tenant, prefix_id=record.prefix_id), record.num_virtual_tokens
 
 
 def _check_lengths(ctx: ServerContext, body: PersonalizeRequest, base_len: int) -> None:

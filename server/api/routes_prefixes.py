@@ -10,39 +10,21 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from prefix_store import InvalidIdError, PrefixRecord, StoreUnavailableError
-from prefix_store.errors import shorten
-from prefix_store.keys import validate_prefix_id
+from prefix_store import PrefixRecord
+from prefix_store.store import MAX_DESCRIPTION_CHARS
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
 from server.api.errors import ApiError
 from server.api.schemas import PrefixInfo, PrefixList
 from server.api.upload import UploadError, parse_prefix_upload
+from server.prefix import shorten, validate_prefix_id
 
 router = APIRouter(tags=["prefixes"])
-MAX_DESCRIPTION_CHARS = 4096
 
 
 def prefix_info(r: PrefixRecord) -> PrefixInfo:
     return PrefixInfo(id=r.prefix_id, version=r.version, num_virtual_tokens=r.num_virtual_tokens, dtype=r.dtype,
                       bytes=r.bytes, created_at=r.created_at, description=r.description, shared=r.shared)
-
-
-async def _store_call(fn, *args, **kwargs):
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except StoreUnavailableError as e:
-        raise ApiError(503, "the prefix store is unreachable; nothing was changed, retry shortly",
-                       "service_unavailable", {"Retry-After": "1"}) from e
-    except InvalidIdError as e:
-        raise ApiError(400, str(e)) from e
-
-
-def _check_id(prefix_id: str) -> None:
-    try:
-        validate_prefix_id(prefix_id)
-    except InvalidIdError as e:
-        raise ApiError(400, str(e)) from e
 
 
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -60,7 +42,7 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
 async def upload_prefix(prefix_id: str, request: Request, response: Response,
                         caller: Caller = Depends(require_caller)) -> PrefixInfo:
     ctx: ServerContext = get_ctx(request)
-    _check_id(prefix_id)
+    validate_prefix_id(prefix_id)
     # The form is read here, after the key was checked: a stranger cannot make us read a
     # large body (FastAPI reads declared form parameters before running dependencies).
     data, filename, description, num_virtual_tokens, shared = await _read_form(request)
@@ -68,12 +50,12 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
         raise ApiError(403, "only the admin key can share a prefix with every tenant ('shared' form field)",
                        "permission_error")
     try:
-        parsed = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
+        kv = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
                                          num_virtual_tokens=num_virtual_tokens,
                                          max_prefix_bytes=ctx.settings.max_prefix_bytes)
     except UploadError as e:
         raise ApiError(e.status, str(e), e.kind) from e
-    record, created = await _store_call(ctx.store.put, caller.tenant, prefix_id, parsed.kv,
+    record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
                                         model_fingerprint=ctx.spec.fingerprint, description=description,
                                         shared=shared)
     response.status_code = 201 if created else 200
@@ -112,14 +94,14 @@ async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | No
 
 @router.get("/v1/prefixes", response_model=PrefixList)
 async def list_prefixes(request: Request, caller: Caller = Depends(require_caller)) -> PrefixList:
-    records = await _store_call(get_ctx(request).store.list, caller.tenant)
+    records = await asyncio.to_thread(get_ctx(request).store.list, caller.tenant)
     return PrefixList(data=[prefix_info(r) for r in records])
 
 
 @router.get("/v1/prefixes/{prefix_id}", response_model=PrefixInfo)
 async def get_prefix(prefix_id: str, request: Request, caller: Caller = Depends(require_caller)) -> PrefixInfo:
-    _check_id(prefix_id)
-    record = await _store_call(get_ctx(request).store.get_record, caller.tenant, prefix_id)
+    validate_prefix_id(prefix_id)
+    record = await asyncio.to_thread(get_ctx(request).store.get_record, caller.tenant, prefix_id)
     if record is None:
         raise ApiError(404, f"prefix {shorten(prefix_id)} not found", "not_found_error")
     return prefix_info(record)
@@ -127,7 +109,7 @@ async def get_prefix(prefix_id: str, request: Request, caller: Caller = Depends(
 
 @router.delete("/v1/prefixes/{prefix_id}", status_code=204)
 async def delete_prefix(prefix_id: str, request: Request, caller: Caller = Depends(require_caller)) -> Response:
-    _check_id(prefix_id)
-    if not await _store_call(get_ctx(request).store.delete, caller.tenant, prefix_id):
+    validate_prefix_id(prefix_id)
+    if not await asyncio.to_thread(get_ctx(request).store.delete, caller.tenant, prefix_id):
         raise ApiError(404, f"prefix {shorten(prefix_id)} not found", "not_found_error")
     return Response(status_code=204)

@@ -1,7 +1,7 @@
-"""Request and response bodies of the HTTP API (API.md). Only the api uses pydantic models;
+"""Request and response bodies of the HTTP API (docs/api.md). Only the api uses pydantic models;
 routes convert them to engine types (SamplingParams, token ids) and back.
 
-Our own routes forbid unknown fields (a typo is a 422 naming it); the OpenAI-compatible
+Our own routes forbid unknown fields (a typo is a 400 naming it); the OpenAI-compatible
 ones ignore them, as clients send fields we have no use for.
 """
 

@@ -1,6 +1,6 @@
 """Parsing and checking an uploaded prefix, in memory, trusting nothing in it.
 
-Accepted (API.md): a zip of a HF PEFT prefix-tuning adapter folder, or a safetensors file
+Accepted (docs/api.md): a zip of a HF PEFT prefix-tuning adapter folder, or a safetensors file
 holding `prompt_embeddings` [P, L*2*Hkv*hd] or `prefix_kv` [L, 2, Hkv, P, hd].
 
 Refused with a message naming the problem: pickle files (`adapter_model.bin`, torch.save
@@ -8,7 +8,8 @@ archives), zip entries with `..`, absolute paths or symlinks, too many zip entri
 declared uncompressed size over the limit, a safetensors header that is too large, not
 JSON, or whose offsets do not fit the file, and any tensor the loaded model cannot use
 (`validate_kv`: shape, dtype, non-finite values) or that was made for another base model.
-Nothing is extracted to disk.
+Nothing is extracted to disk. The formats themselves are read by server/prefix/peft_format.py;
+this module adds what a file from a stranger needs before that.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import posixpath
 import stat
 import struct
 import zipfile
-from dataclasses import dataclass
 
 import torch
 
-from prefix_store.errors import shorten
-from server.engine.prefix import ModelSpec, PrefixError, check_peft_config, from_prompt_embeddings, validate_kv
+from server.prefix import ModelMismatchError, ModelSpec, PrefixError, shorten, validate_kv
+from server.prefix.peft_format import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, check_adapter_config, kv_from_tensors
 
 MAX_HEADER_BYTES = 1 << 20  # a prefix file holds a few tensors; its header is a few hundred bytes
 MAX_ZIP_ENTRIES = 64
@@ -45,48 +45,34 @@ class UploadError(ValueError):
         self.kind = kind
 
 
-@dataclass(frozen=True)
-class ParsedPrefix:
-    kv: torch.Tensor  # [num_layers, 2, num_kv_heads, prefix_len, head_dim], as uploaded (dtype kept)
-    source: str  # "peft-zip", "prompt_embeddings" or "prefix_kv"
-
-
 def parse_prefix_upload(data: bytes, spec: ModelSpec, *, filename: str | None = None,
-                        num_virtual_tokens: int | None = None, max_prefix_bytes: int) -> ParsedPrefix:
-    """Turn the bytes of an uploaded file into a checked kv tensor, or raise UploadError."""
+                        num_virtual_tokens: int | None = None, max_prefix_bytes: int) -> torch.Tensor:
+    """The checked kv [L, 2, Hkv, P, hd] (its dtype as uploaded) of an uploaded file, or UploadError."""
     name = (filename or "").lower()
     if name.endswith(_PICKLE_SUFFIXES) or _looks_like_pickle(data):
-        raise UploadError(f"{filename or 'the file'} is a pickle (PyTorch .bin/.pt) file; pickles can run "
+        raise UploadError(f"{shorten(filename or 'the file')} is a pickle (PyTorch .bin/.pt) file; pickles can run "
                           "code and are refused: save the adapter with safetensors "
                           "(save_pretrained(..., safe_serialization=True))", 415, "unsupported_format")
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
-        kv, source = _parse_adapter_zip(data, spec, max_prefix_bytes), "peft-zip"
+        kv = _parse_adapter_zip(data, spec, max_prefix_bytes)
     else:
-        tensors, metadata = read_safetensors(data, max_prefix_bytes, what=filename or "the file")
-        _check_fingerprint(metadata, spec)
-        if "prefix_kv" in tensors:
-            kv, source = tensors["prefix_kv"], "prefix_kv"
-        elif "prompt_embeddings" in tensors:
-            kv = _convert(tensors["prompt_embeddings"], spec, num_virtual_tokens)
-            source = "prompt_embeddings"
-        else:
-            raise UploadError(f"the safetensors file has neither 'prefix_kv' nor 'prompt_embeddings' "
-                              f"(it has {sorted(tensors)})", 422, "invalid_prefix")
-    try:
-        validate_kv(kv, spec, what=source)
-    except PrefixError as e:
-        raise UploadError(str(e), 422, "invalid_prefix") from e
+        tensors, metadata = read_safetensors(data, max_prefix_bytes, what=shorten(filename or "the file"))
+        kv = _as_upload_error(kv_from_tensors, tensors, spec, num_virtual_tokens, metadata)
+    _as_upload_error(validate_kv, kv, spec)
     if kv.numel() * kv.element_size() > max_prefix_bytes:
         raise UploadError(f"the prefix has {kv.numel() * kv.element_size()} bytes; the limit is "
                           f"{max_prefix_bytes}", 413, "payload_too_large")
-    return ParsedPrefix(kv=kv.contiguous(), source=source)
+    return kv.contiguous()
 
 
-def _convert(w: torch.Tensor, spec: ModelSpec, num_virtual_tokens: int | None) -> torch.Tensor:
+def _as_upload_error(fn, *args, kind: str = "invalid_prefix"):
+    """fn(*args), with the prefix domain's errors as 422 UploadErrors."""
     try:
-        return from_prompt_embeddings(w, spec, num_virtual_tokens)
+        return fn(*args)
+    except ModelMismatchError as e:
+        raise UploadError(str(e), 422, "model_mismatch") from e
     except PrefixError as e:
-        raise UploadError(str(e), 422, "invalid_prefix") from e
+        raise UploadError(str(e), 422, kind) from e
 
 
 def _looks_like_pickle(data: bytes) -> bool:
@@ -166,13 +152,6 @@ def _check_entry(name: str, entry: object, body: int, what: str) -> int:
     return size
 
 
-def _check_fingerprint(metadata: dict[str, str], spec: ModelSpec) -> None:
-    fp = metadata.get("model_fingerprint")
-    if fp and fp != spec.fingerprint:
-        raise UploadError(f"the prefix was made for base model fingerprint {fp}; this server runs "
-                          f"{spec.fingerprint}: train it again on this model", 422, "model_mismatch")
-
-
 # --- zip of a PEFT adapter folder
 
 def _parse_adapter_zip(data: bytes, spec: ModelSpec, max_prefix_bytes: int) -> torch.Tensor:
@@ -188,28 +167,29 @@ def _parse_adapter_zip(data: bytes, spec: ModelSpec, max_prefix_bytes: int) -> t
         for info in infos:
             _check_zip_entry(info, max_prefix_bytes)
         files = {i.filename: i for i in infos if not i.is_dir()}
-        configs = [n for n in files if posixpath.basename(n) == "adapter_config.json"]
+        configs = [n for n in files if posixpath.basename(n) == CONFIG_FILE]
         if len(configs) != 1:
-            raise UploadError(f"the zip must hold exactly one adapter_config.json, it holds {len(configs)} "
-                              f"(entries: {sorted(files)[:10]})", 400, "invalid_adapter")
+            raise UploadError(f"the zip must hold exactly one {CONFIG_FILE}, it holds {len(configs)} "
+                              f"(entries: {[shorten(n, 60) for n in sorted(files)[:10]]})", 400, "invalid_adapter")
         folder = posixpath.dirname(configs[0])
-        weights = posixpath.join(folder, "adapter_model.safetensors")
+        weights = posixpath.join(folder, WEIGHTS_FILE)
         if weights not in files:
-            if posixpath.join(folder, "adapter_model.bin") in files:
-                raise UploadError("the adapter holds adapter_model.bin, a pickle, which is refused: save it "
+            if posixpath.join(folder, PICKLED_WEIGHTS_FILE) in files:
+                raise UploadError(f"the adapter holds {PICKLED_WEIGHTS_FILE}, a pickle, which is refused: save it "
                                   "with safetensors (save_pretrained(..., safe_serialization=True))",
                                   415, "unsupported_format")
-            raise UploadError(f"the zip has no adapter_model.safetensors next to {configs[0]}", 400,
+            raise UploadError(f"the zip has no {WEIGHTS_FILE} next to {shorten(configs[0])}", 400,
                               "invalid_adapter")
         config = _read_config(zf, files[configs[0]])
         blob = _read_member(zf, files[weights], max_prefix_bytes + MAX_HEADER_BYTES + 8)
-    _check_peft_config(config, spec)
-    tensors, metadata = read_safetensors(blob, max_prefix_bytes, what="adapter_model.safetensors")
-    _check_fingerprint(metadata, spec)
+    _as_upload_error(check_adapter_config, config, spec, kind="invalid_adapter")
+    tensors, metadata = read_safetensors(blob, max_prefix_bytes, what=WEIGHTS_FILE)
     if "prompt_embeddings" not in tensors:
-        raise UploadError(f"adapter_model.safetensors has no 'prompt_embeddings' tensor (it has "
-                          f"{sorted(tensors)}): is this a PREFIX_TUNING adapter?", 422, "invalid_adapter")
-    return _convert(tensors["prompt_embeddings"], spec, config.get("num_virtual_tokens"))
+        raise UploadError(f"{WEIGHTS_FILE} has no 'prompt_embeddings' tensor (it has "
+                          f"{[shorten(n, 60) for n in sorted(tensors)[:10]]}): is this a PREFIX_TUNING adapter?",
+                          422, "invalid_adapter")
+    return _as_upload_error(kv_from_tensors, {"prompt_embeddings": tensors["prompt_embeddings"]}, spec,
+                            config.get("num_virtual_tokens"), metadata)
 
 
 def _check_zip_entry(info: zipfile.ZipInfo, max_prefix_bytes: int) -> None:
@@ -243,26 +223,7 @@ def _read_config(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict:
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UploadError(f"adapter_config.json is not valid JSON ({e})", 400, "invalid_adapter") from e
+        raise UploadError(f"{CONFIG_FILE} is not valid JSON ({e})", 400, "invalid_adapter") from e
     if not isinstance(config, dict):
-        raise UploadError("adapter_config.json must be a JSON object", 400, "invalid_adapter")
+        raise UploadError(f"{CONFIG_FILE} must be a JSON object", 400, "invalid_adapter")
     return config
-
-
-def _check_peft_config(config: dict, spec: ModelSpec) -> None:
-    try:
-        check_peft_config(config, spec)
-    except PrefixError as e:
-        raise UploadError(str(e), 422, "invalid_adapter") from e
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UploadError(f"adapter task_type is {shorten(config['task_type'])}; expected 'CAUSAL_LM'", 422,
-                          "invalid_adapter")
-    token_dim = config.get("token_dim")
-    if token_dim is not None and token_dim != spec.peft_token_dim():
-        raise UploadError(f"adapter token_dim is {token_dim}; this model needs num_kv_heads({spec.num_kv_heads})"
-                          f" * head_dim({spec.head_dim}) = {spec.peft_token_dim()}: it was made for "
-                          "another base model", 422, "model_mismatch")
-    nvt = config.get("num_virtual_tokens")
-    if nvt is not None and (not isinstance(nvt, int) or nvt < 1):
-        raise UploadError(f"adapter num_virtual_tokens is {shorten(nvt)}; expected a positive integer", 422,
-                          "invalid_adapter")

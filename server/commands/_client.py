@@ -1,42 +1,43 @@
 """What the client commands (`upload`, `prefixes`) share: where the server is, which key to
-send, and turning an error response into one readable line."""
+send, and turning an error response into one readable line. No torch is imported here."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import httpx
+from pydantic import ValidationError
 
-from server.engine.model_loader import default_cache_dir
-
-DEFAULT_URL = "http://127.0.0.1:8000"
+from server.commands.serve import ADMIN_KEY_FILE
+from server.config import CLIENT_FIELDS, Settings, add_settings_arguments, first_error, settings_from_args
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("PREFIX_SERVE_URL", DEFAULT_URL),
-                        help=f"the server (env PREFIX_SERVE_URL, default {DEFAULT_URL})")
-    parser.add_argument("--key", default=None,
-                        help="API key (env PREFIX_SERVE_API_KEY, else PREFIX_SERVE_ADMIN_KEY, else the key "
-                             "a local `prefix-serve serve` saved in the cache dir)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server")
+    add_settings_arguments(parser, CLIENT_FIELDS)
 
 
-def api_key(args: argparse.Namespace) -> str | None:
-    if args.key:
-        return args.key
-    for name in ("PREFIX_SERVE_API_KEY", "PREFIX_SERVE_ADMIN_KEY"):
-        if os.environ.get(name):
-            return os.environ[name]
-    saved = default_cache_dir() / "admin_key"
+def client_settings(args: argparse.Namespace) -> Settings:
+    try:
+        return settings_from_args(args)
+    except ValidationError as e:
+        raise SystemExit(f"prefix-serve: {first_error(e)}") from e
+
+
+def api_key(settings: Settings) -> str | None:
+    """--api-key (PREFIX_SERVE_API_KEY), else the admin key, else the one a local serve saved."""
+    for key in (settings.api_key, settings.admin_key):
+        if key is not None:
+            return key.get_secret_value()
+    saved = settings.cache_dir / ADMIN_KEY_FILE
     return saved.read_text().strip() if saved.exists() else None
 
 
 def client(args: argparse.Namespace) -> httpx.Client:
-    key = api_key(args)
+    settings = client_settings(args)
+    key = api_key(settings)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout)
+    return httpx.Client(base_url=settings.url.rstrip("/"), headers=headers, timeout=settings.client_timeout_s)
 
 
 def fail(response: httpx.Response, what: str) -> int:

@@ -25,22 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from server.engine.llm_engine import LLMEngine
     from server.engine.model_loader import load_model
-    from server.engine.prefix import PrefixError, compose
-    from server.engine.prefix_file import load_prefix_file
     from server.engine.sampling_params import SamplingParams
+    from server.engine.tokenization import ChatMessage, encode_text, render_chat
+    from server.prefix import PrefixError, compose
+    from server.prefix.peft_format import read_prefix_path
 
     loaded = load_model(args.model, args.dtype, args.device)
     engine = LLMEngine(loaded.model, loaded.tokenizer)
     tok = loaded.tokenizer
     try:
-        prefixes = [engine.make_prefix(load_prefix_file(path, engine.spec)) for path in args.prefix]
+        prefixes = [engine.make_prefix(read_prefix_path(path, engine.spec)) for path in args.prefix]
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-        if args.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = tok(args.prompt)["input_ids"]
+        # tokenized exactly as the server tokenizes a request
+        ids = render_chat(tok, [ChatMessage("user", args.prompt)]) if args.chat else encode_text(tok, args.prompt)
         req = engine.generate([ids], sampling, [compose(prefixes) if prefixes else None])[0]
     except (PrefixError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

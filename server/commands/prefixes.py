@@ -8,7 +8,7 @@ from datetime import datetime
 
 import httpx
 
-from server.commands._client import add_client_arguments, client, fail, unreachable
+from server.commands._client import add_client_arguments, client, client_settings, fail, unreachable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 r = c.delete(f"/v1/prefixes/{args.prefix_id}")
     except httpx.TransportError as e:
-        return unreachable(args.url, e)
+        return unreachable(client_settings(args).url, e)
     if r.status_code >= 400:
         return fail(r, f"{args.action} {args.prefix_id or ''}".strip())
     if args.action == "delete":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
-from server.config import Settings, add_settings_arguments, settings_from_args
+from server.config import Settings, add_settings_arguments, first_error, settings_from_args
 
 log = logging.getLogger("prefix_serve")
 ADMIN_KEY_FILE = "admin_key"
@@ -33,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
+        settings.check_serving()
     except ValidationError as e:
-        print(f"prefix-serve serve: {_first_error(e)}", file=sys.stderr)
+        print(f"prefix-serve serve: {first_error(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"prefix-serve serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     generated = settings.admin_key is None
@@ -76,14 +80,18 @@ def _start_workers(settings: Settings, redis_url: str, owns_redis: bool):
         return None
     from server.training.supervisor import WorkerSupervisor
 
-    args = ["--device", settings.device, "--cache-dir", str(settings.cache_dir),
-            "--claim-timeout", str(settings.job_claim_timeout_s), "--max-attempts", str(settings.job_max_attempts),
-            "--nice", "10",  # serving latency first
+    args = ["--device", settings.device, "--cache-dir", str(settings.cache_dir), "--namespace", settings.namespace,
+            "--job-claim-timeout-s", str(settings.job_claim_timeout_s),
+            "--job-max-attempts", str(settings.job_max_attempts),
+            "--worker-nice", "10",  # serving latency first
             "--log-level", "error" if settings.log_level == "critical" else settings.log_level]
     if settings.model:
         args += ["--model", settings.model]
-    # the url goes by environment, not argv: it may hold a password and argv is world-readable
-    return WorkerSupervisor(args, count, env={"PREFIX_SERVE_REDIS_URL": redis_url}).start()
+    # The workers read the same PREFIX_SERVE_* settings, but not the metrics port: that one is
+    # the server's. The url goes by environment, not argv: it may hold a password, and argv
+    # is world-readable.
+    env = {k: v for k, v in os.environ.items() if k != "PREFIX_SERVE_METRICS_PORT"}
+    return WorkerSupervisor(args, count, env={**env, "PREFIX_SERVE_REDIS_URL": redis_url}).start()
 
 
 class _Stop(Exception):
@@ -103,7 +111,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     from server.engine.llm_engine import LLMEngine
     from server.engine.model_loader import load_model
 
-    store = PrefixStore(redis_url)
+    store = PrefixStore(redis_url, namespace=settings.namespace)
     if not store.ping():
         print(f"prefix-serve: warning: Redis at {redis_url} does not answer yet; starting anyway", file=sys.stderr)
     loaded = load_model(settings.model, settings.dtype, settings.device, settings.cache_dir)
@@ -113,7 +121,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"prefix-serve: model {loaded.name} ({engine.dtype}, {engine.device}), "
-          f"{engine.pool.num_blocks} KV blocks of {settings.block_size} tokens", flush=True)
+          f"{engine.kv.num_blocks} KV blocks of {settings.block_size} tokens", flush=True)
     print(f"prefix-serve: serving on http://{host}:{settings.port}", flush=True)
     if generated_key:
         print(f"prefix-serve: admin key: {settings.admin_key.get_secret_value()} "
@@ -140,11 +148,3 @@ def local_admin_key(cache_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    msg = err.get("msg", str(e)).removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
-

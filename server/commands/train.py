@@ -46,10 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from server.engine.model_loader import load_model
-    from server.engine.prefix import load_peft_adapter
+    from server.prefix import ModelSpec
+    from server.prefix.peft_format import read_adapter, write_adapter
     from server.training.data import read_examples, tokenize
-    from server.training.peft_export import export_peft_adapter
-    from server.training.prefix_forward import model_spec
     from server.training.trainer import TrainConfig, train_prefix
 
     try:
@@ -64,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         examples = examples[: args.limit]
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    spec = model_spec(loaded.model)
+    spec = ModelSpec.from_hf(loaded.model)
     try:
         data = tokenize(loaded.tokenizer, examples, config.max_length)
         task_kv = None
         if args.task_prefix:
-            task_kv = torch.cat([load_peft_adapter(p, spec) for p in args.task_prefix], dim=3)
+            task_kv = torch.cat([read_adapter(p, spec) for p in args.task_prefix], dim=3)
     except ValueError as e:
         print(f"prefix-serve train: {e}", file=sys.stderr)
         return 2
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         bar.close()
-    out = export_peft_adapter(result.kv, args.out, spec, mid_dim=config.mid_dim, base_model_name_or_path=loaded.path)
+    out = write_adapter(result.kv, args.out, spec, mid_dim=config.mid_dim, base_model_name_or_path=loaded.path)
     summary = {
         "data": str(args.data), "examples": len(data), "model": loaded.path,
         "task_prefix": list(args.task_prefix), "config": asdict(config),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from server.commands._client import add_client_arguments, client, fail, unreachable
+from server.commands._client import add_client_arguments, client, client_settings, fail, unreachable
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         with client(args) as c:
             r = c.put(f"/v1/prefixes/{args.prefix_id}", files={"file": (name, data, kind)}, data=form)
     except httpx.TransportError as e:
-        return unreachable(args.url, e)
+        return unreachable(client_settings(args).url, e)
     if r.status_code not in (200, 201):
         return fail(r, f"upload of {args.prefix_id}")
     print(json.dumps({"status": "created" if r.status_code == 201 else "replaced", **r.json()}, indent=2))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, RequestOutput
-from server.engine.prefix import Prefix
+from server.prefix import Prefix
 from server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - hand the error to its caller
                     cmd.loop.call_soon_threadsafe(cmd.sink.put_nowait, e)
             elif cmd[0] == "drop_stale":
-                self.engine.prefix_cache.drop_stale(*cmd[1])
+                self.engine.kv.prefixes.drop_stale(*cmd[1])
             else:
                 _, request_id = cmd
                 self.engine.abort(request_id)

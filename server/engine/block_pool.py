@@ -36,3 +36,8 @@ class BlockPool:
                 raise RuntimeError(f"block {b} freed twice")
             self._is_free[b] = True
             self._free.append(b)
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` slots."""
+    return -(-num_tokens // block_size)

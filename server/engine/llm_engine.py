@@ -1,6 +1,7 @@
 """The engine: one frozen LM, continuous batching over requests with mixed prefixes.
 
-    step() = scheduler.schedule() -> model_runner.prepare/execute() -> sample -> postprocess
+    step() = scheduler.schedule() -> model_runner.run() -> sample -> scheduler.postprocess()
+             -> outputs (detokenized text, stop strings)
 
 References: Li & Liang 2021 (prefix-tuning); Yu et al. 2022 (Orca, iteration-level
 scheduling); Kwon et al. 2023 (vLLM, paged KV). Plain Python + torch: no HTTP, Redis or
@@ -14,18 +15,16 @@ import time
 
 import torch
 
-from server.engine.block_pool import BlockPool
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer, emittable, find_stop
-from server.engine.model_loader import model_fingerprint
+from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
-from server.engine.prefix import ModelSpec, Prefix, PrefixRef, validate_kv
-from server.engine.prefix_cache import PrefixCache, blocks_for
-from server.engine.request import Request, RequestStatus
+from server.engine.request import Request, RequestError, RequestStatus
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.prefix import ModelSpec, Prefix, PrefixError, PrefixRef
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,9 @@ class LLMEngine:
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // ModelRunner.block_bytes(model, config.block_size))
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.device, self.dtype = self.runner.device, self.runner.dtype
-        f = self.runner.forward
-        max_len = config.max_model_len or getattr(model.config, "max_position_embeddings", None) \
-            or getattr(model.config, "n_positions", 2048)
-        self.spec = ModelSpec(num_layers=f.num_layers, num_kv_heads=f.num_kv_heads, head_dim=f.head_dim,
-                              fingerprint=model_fingerprint(model), max_model_len=int(max_len))
-        self.pool = BlockPool(num_blocks)
-        self.prefix_cache = PrefixCache(self.pool, config.block_size, self.runner.write_prefix)
-        self.scheduler = Scheduler(config, self.pool, self.prefix_cache)
+        self.spec = ModelSpec.from_hf(model, config.max_model_len)
+        self.kv = KVCacheManager(num_blocks, config.block_size, self.runner.write_prefix)
+        self.scheduler = Scheduler(config, self.kv)
         self.detokenizer = Detokenizer(tokenizer)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.requests: dict[str, Request] = {}
@@ -55,43 +49,44 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------
 
     def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = ()) -> Prefix:
-        """Validate kv [L, 2, Hkv, P, hd] against the model; keep a host copy in engine dtype."""
-        validate_kv(kv, self.spec)
-        return Prefix(kv=kv.detach().to("cpu", self.dtype).contiguous(), refs=tuple(refs))
+        """Check kv [L, 2, Hkv, P, hd] against the model (once); keep a host copy in the engine dtype."""
+        return Prefix.make(kv, self.spec, refs, self.dtype)
 
     def check_request(self, prompt_token_ids: list[int], sampling: SamplingParams, prefix: Prefix | None) -> None:
-        """Raise ValueError naming the numbers if the request can never run. Changes nothing."""
+        """Raise RequestError (PrefixError for a foreign prefix) naming the numbers if the request
+        can never run. Changes nothing."""
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
         if not prompt_token_ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        if prefix is not None:
-            validate_kv(prefix.kv, self.spec)
+            raise RequestError("the prompt is empty: at least one token is needed")
+        if prefix is not None and prefix.spec != self.spec:
+            raise PrefixError(f"the prefix was checked against another model (fingerprint {prefix.spec.fingerprint}, "
+                              f"{prefix.spec.num_layers} layers); this engine runs {self.spec.fingerprint}: make it "
+                              "with this engine's make_prefix")
         p = prefix.length if prefix is not None else 0
         n, limit = len(prompt_token_ids), self.spec.max_model_len
         if p + n >= limit:
-            raise ValueError(f"prompt of {n} tokens after a prefix of {p} does not fit the context of "
-                             f"{limit} tokens (at most {limit - p - 1} prompt tokens)")
+            raise RequestError(f"prompt of {n} tokens after a prefix of {p} does not fit the context of "
+                               f"{limit} tokens (at most {limit - p - 1} prompt tokens)")
         if p + n + sampling.max_tokens > limit:
-            raise ValueError(f"prefix {p} + prompt {n} + max_tokens {sampling.max_tokens} = "
-                             f"{p + n + sampling.max_tokens} exceeds the context of {limit} tokens; "
-                             f"use max_tokens <= {limit - p - n}")
-        bs = self.config.block_size
-        need = blocks_for(p, bs) + blocks_for(n + sampling.max_tokens, bs)
-        if need > self.pool.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks of {bs} tokens; the pool has "
-                             f"{self.pool.num_blocks}")
+            raise RequestError(f"prefix {p} + prompt {n} + max_tokens {sampling.max_tokens} = "
+                               f"{p + n + sampling.max_tokens} exceeds the context of {limit} tokens; "
+                               f"use max_tokens <= {limit - p - n}")
+        vocab = self.model.config.vocab_size  # after the length checks: a huge prompt is refused in O(1)
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        need = self.kv.blocks_needed(p, n + sampling.max_tokens)
+        if need > self.kv.num_blocks:
+            raise RequestError(f"request needs {need} KV blocks of {self.kv.block_size} tokens; the pool has "
+                               f"{self.kv.num_blocks}")
         if sampling.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine has none")
+            raise RequestError("stop strings need a tokenizer; this engine has none")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     prefix: Prefix | None = None, arrival_time: float | None = None) -> None:
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise RequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, sampling, prefix)
         req = Request(request_id, [int(t) for t in prompt_token_ids], sampling, prefix)
         if arrival_time is not None:
@@ -104,8 +99,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
-        self.scheduler.finish(req)
-        req.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(req, FinishReason.ABORT)
         return self._output(req)
 
     def has_unfinished(self) -> bool:
@@ -118,37 +112,32 @@ class LLMEngine:
         detokenization) finishes with FinishReason.ERROR and the others go on; a failed
         forward fails the requests of this step only."""
         sched = self.scheduler.schedule()
-        self._stats.preemptions = self.scheduler.num_preemptions
         if not sched.scheduled:
             return []
         try:
-            inp = self.runner.prepare(sched.scheduled, sched.num_new_tokens)
-            logits = self.runner.execute(inp)
+            logits, sampled = self.runner.run(sched.scheduled, sched.num_new_tokens)
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
             log.exception("the forward of a step with %d requests failed", len(sched.scheduled))
             return [self._fail(req, f"the model step failed ({type(e).__name__}: {e})") for req in sched.scheduled]
-        sampled = [sched.scheduled[r] for r in inp.sample_rows]
         tokens = self._sample(logits, sampled)
-        prompt_tokens = 0
-        for req, q in zip(sched.scheduled, sched.num_new_tokens):
-            # Rows before the last known token are prompt (or recomputed) tokens.
-            prompt_tokens += q - (1 if req.num_computed_tokens + q == req.num_tokens and req.output_token_ids else 0)
-            req.num_computed_tokens += q
-        now = time.monotonic()
-        outputs = []
-        for req, token in zip(sampled, tokens):
+        self._count(sched, len(sampled))
+        ok = [(req, t) for req, t in zip(sampled, tokens) if not isinstance(t, Exception)]
+        self.scheduler.postprocess(sched, [r for r, _ in ok], [t for _, t in ok], self.eos_token_ids,
+                                   time.monotonic())
+        outputs = [self._fail(req, f"{type(t).__name__}: {t}") for req, t in zip(sampled, tokens)
+                   if isinstance(t, Exception)]
+        for req, _ in ok:
             try:
-                if isinstance(token, Exception):
-                    raise token
-                self._append(req, token, now)
+                self._update_text(req)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 log.exception("request %s failed in the step", req.request_id)
                 outputs.append(self._fail(req, f"{type(e).__name__}: {e}"))
                 continue
+            if req.is_finished:
+                self.requests.pop(req.request_id, None)
             out = self._output(req)
             if out.new_token_ids or out.finished:
                 outputs.append(out)
-        self._count(sched.num_new_tokens, len(sampled), prompt_tokens)
         return outputs
 
     def _sample(self, logits: torch.Tensor, sampled: list[Request]) -> list[int | Exception]:
@@ -167,32 +156,26 @@ class LLMEngine:
                     out.append(e)
             return out
 
-    def _fail(self, req: Request, message: str) -> RequestOutput:
-        req.finish_reason = FinishReason.ERROR
-        req.error = message
-        if req.status != RequestStatus.FINISHED:
-            self.scheduler.finish(req)
-        self.requests.pop(req.request_id, None)
-        return self._output(req)
-
-    def _append(self, req: Request, token: int, now: float) -> None:
-        req.output_token_ids.append(token)
-        if req.first_token_time is None:
-            req.first_token_time = now
+    def _update_text(self, req: Request) -> None:
+        """Detokenize req's new token; a stop string in the new text cuts it and finishes req."""
         old_len = len(req.output_text)
         self.detokenizer.update(req)
-        p = req.sampling
-        cut = find_stop(req.output_text, p.stop, len(req.output_text) - old_len)
+        cut = find_stop(req.output_text, req.sampling.stop, len(req.output_text) - old_len)
         if cut is not None:
             req.output_text = req.output_text[:cut]
-            req.finish_reason = FinishReason.STOP
-        elif token in self.eos_token_ids and not p.ignore_eos:
-            req.finish_reason = FinishReason.STOP
-        elif len(req.output_token_ids) >= p.max_tokens:
-            req.finish_reason = FinishReason.LENGTH
-        if req.finish_reason is not None:
-            self.scheduler.finish(req)
-            self.requests.pop(req.request_id, None)
+            if req.is_finished:
+                req.finish_reason = FinishReason.STOP  # the stop string came with the last token
+            else:
+                self.scheduler.finish(req, FinishReason.STOP)
+
+    def _fail(self, req: Request, message: str) -> RequestOutput:
+        req.error = message
+        if req.is_finished:
+            req.finish_reason = FinishReason.ERROR
+        else:
+            self.scheduler.finish(req, FinishReason.ERROR)
+        self.requests.pop(req.request_id, None)
+        return self._output(req)
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status == RequestStatus.FINISHED
@@ -227,53 +210,49 @@ class LLMEngine:
         """Logits [n, V] (float32) at every prompt position, through the serving path.
 
         Runs one forward outside the step loop (call it from the thread that steps), with
-        blocks taken from the pool and given back before it returns.
+        blocks taken from the KV manager and given back before it returns.
         """
-        self.check_request(prompt_token_ids, SamplingParams(max_tokens=1), prefix)
-        req = Request(f"score-{time.monotonic_ns()}", list(prompt_token_ids), SamplingParams(max_tokens=1), prefix)
+        sampling = SamplingParams(max_tokens=1)
+        self.check_request(prompt_token_ids, sampling, prefix)
+        req = Request(f"score-{time.monotonic_ns()}", list(prompt_token_ids), sampling, prefix)
         n = len(prompt_token_ids)
-        if prefix is not None:
-            entry = self.prefix_cache.acquire(prefix)
-            if entry is None:
-                raise RuntimeError("no room in the KV pool for the prefix")
-            req.prefix_blocks = entry.blocks
-        if not self.prefix_cache.make_room(blocks_for(n, self.config.block_size)):
-            self.scheduler.release_prefix(req)
-            raise RuntimeError("no room in the KV pool for the prompt")
-        req.own_blocks = self.pool.allocate(blocks_for(n, self.config.block_size))
-        req.status = RequestStatus.RUNNING
         try:
+            if not self.kv.acquire_prefix(req):
+                raise RuntimeError("no room in the KV pool for the prefix")
+            if not self.kv.allocate(req, n):
+                raise RuntimeError("no room in the KV pool for the prompt")
+            req.status = RequestStatus.RUNNING
             inp = self.runner.prepare([req], [n])
             inp.logits_indices = torch.arange(n, device=self.device)
             return self.runner.execute(inp)
         finally:
-            self.pool.free(req.own_blocks)
-            self.scheduler.release_prefix(req)
+            self.kv.free(req)
 
-    def _count(self, num_new_tokens: list[int], num_sampled: int, prompt_tokens: int) -> None:
+    def _count(self, sched: SchedulerOutput, num_sampled: int) -> None:
         s = self._stats
         s.steps += 1
-        s.last_step_tokens = sum(num_new_tokens)
-        s.last_step_requests = len(num_new_tokens)
+        s.last_step_tokens = sum(sched.num_new_tokens)
+        s.last_step_requests = len(sched.num_new_tokens)
         s.generated_tokens += num_sampled
-        s.prompt_tokens += prompt_tokens
+        for req, q in zip(sched.scheduled, sched.num_new_tokens):
+            # Rows before the last known token are prompt (or recomputed) tokens.
+            s.prompt_tokens += q - (1 if req.num_computed_tokens + q == req.num_tokens and req.output_token_ids else 0)
         s.scheduled_tokens += s.last_step_tokens
         s.scheduled_requests += s.last_step_requests
 
     def stats(self) -> EngineStats:
         """A snapshot of plain numbers (cumulative counters and current gauges)."""
         s = self._stats
-        pc = self.prefix_cache
-        snap = EngineStats(
+        prefixes = self.kv.prefixes
+        return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_blocks_total=self.pool.num_blocks, kv_blocks_free=self.pool.num_free,
-            kv_blocks_used_by_prefixes=pc.num_blocks, prefixes_resident=len(pc),
-            prefixes_resident_bytes=pc.nbytes, prefix_hits=pc.hits, prefix_misses=pc.misses,
-            prefix_evictions=pc.evictions, preemptions=self.scheduler.num_preemptions, steps=s.steps,
+            kv_blocks_total=self.kv.num_blocks, kv_blocks_free=self.kv.num_free,
+            kv_blocks_used_by_prefixes=prefixes.num_blocks, prefixes_resident=len(prefixes),
+            prefixes_resident_bytes=prefixes.nbytes, prefix_hits=prefixes.hits, prefix_misses=prefixes.misses,
+            prefix_evictions=prefixes.evictions, preemptions=self.scheduler.num_preemptions, steps=s.steps,
             prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
             last_step_tokens=s.last_step_tokens, last_step_requests=s.last_step_requests,
             scheduled_tokens=s.scheduled_tokens, scheduled_requests=s.scheduled_requests)
-        return snap
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

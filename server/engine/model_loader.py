@@ -8,9 +8,7 @@ cache directory; later starts load that folder in seconds.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -19,15 +17,13 @@ from pathlib import Path
 
 import torch
 
+from server.cache_dir import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PREFIX_SERVE_CACHE_DIR", Path.home() / ".cache" / "prefix-serve"))
 
 
 def find_smollm2_gguf() -> Path:
@@ -136,20 +132,3 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     name = DEFAULT_MODEL_NAME if path is None else folder.name
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(folder))
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the architecture and of a few weights: prefixes record it.
-
-    Two checkpoints with the same shapes but different weights get different
-    fingerprints, so a prefix trained for one is refused by the other. The hash reads a
-    fixed number of values, so it costs the same for any model size.
-    """
-    cfg = model.config
-    arch = {k: getattr(cfg, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
-                                               "num_attention_heads", "num_key_value_heads",
-                                               "vocab_size", "n_layer", "n_embd", "n_head")}
-    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    for _, p in list(model.named_parameters())[:4]:
-        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

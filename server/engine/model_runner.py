@@ -81,6 +81,11 @@ class ModelRunner:
             sample_rows=sample_rows,
         )
 
+    def run(self, scheduled: list[Request], num_new_tokens: list[int]) -> tuple[torch.Tensor, list[Request]]:
+        """One step: logits [N, V] (float32) and the N requests they sample for."""
+        inp = self.prepare(scheduled, num_new_tokens)
+        return self.execute(inp), [scheduled[row] for row in inp.sample_rows]
+
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:
         """Logits [N, V] in float32 for the sampled rows."""

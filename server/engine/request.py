@@ -7,8 +7,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from server.engine.outputs import FinishReason
-from server.engine.prefix import Prefix
+from server.prefix import Prefix
 from server.engine.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine can never run (empty prompt, a token outside the vocabulary,
+    longer than the context or the pool); the message names the numbers."""
 
 
 class RequestStatus(Enum):

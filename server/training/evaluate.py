@@ -13,7 +13,7 @@ import torch
 
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
-from server.engine.prefix import load_peft_adapter
+from server.prefix.peft_format import read_adapter
 from server.engine.sampling_params import SamplingParams
 from server.training.bleu import BleuScore, multi_reference_bleu
 from server.training.data import encode_prompt
@@ -30,7 +30,7 @@ def load_prefixes(engine: LLMEngine, prefix_dirs: list[str]) -> torch.Tensor | N
     """PEFT adapter folders composed in order (task, then user) -> kv, or None for none."""
     if not prefix_dirs:
         return None
-    return torch.cat([load_peft_adapter(d, engine.spec) for d in prefix_dirs], dim=3)
+    return torch.cat([read_adapter(d, engine.spec) for d in prefix_dirs], dim=3)
 
 
 def generate_texts(engine: LLMEngine, prompts: list[str], kv: torch.Tensor | None, max_tokens: int,

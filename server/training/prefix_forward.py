@@ -1,5 +1,5 @@
-"""The frozen HF model run with a prefix as its past key/values: the training forward and
-the reference for serving (PEFT_PREFIX_FORMAT.md, "Equivalent HF call").
+"""The frozen HF model run with a prefix as its past key/values: the training forward, the
+same call that reproduces PEFT (docs/peft-prefix-format.md, "Equivalent HF call").
 
 Semantics, for kv [L, 2, Hkv, P, hd] and a batch of B rows of T tokens (right-padded):
 
@@ -19,23 +19,6 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from server.engine.model_loader import model_fingerprint
-from server.engine.prefix import ModelSpec
-
-
-def model_spec(model: torch.nn.Module) -> ModelSpec:
-    """The prefix shape a HF causal LM needs (Llama family and GPT-2)."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return ModelSpec(
-        num_layers=cfg.num_hidden_layers,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        fingerprint=model_fingerprint(model),
-        max_model_len=cfg.max_position_embeddings,
-    )
 
 
 def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
@@ -45,7 +28,7 @@ def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, Dyn
     return {name: cache}
 
 
-def prefix_cache(kv: torch.Tensor, batch_size: int) -> DynamicCache:
+def prefix_dynamic_cache(kv: torch.Tensor, batch_size: int) -> DynamicCache:
     """A DynamicCache that holds kv [L, 2, Hkv, P, hd] for each of `batch_size` rows."""
     layers = []
     for layer in kv.unbind(0):
@@ -79,7 +62,7 @@ def forward_with_prefix(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
-        **cache_argument(model, prefix_cache(kv, batch)),
+        **cache_argument(model, prefix_dynamic_cache(kv, batch)),
         use_cache=True,
     )
     return out.logits
@@ -96,7 +79,7 @@ def prefix_past(model: torch.nn.Module, kv: torch.Tensor | None, token_ids: list
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
     prefix_len = 0 if kv is None else kv.shape[3]
-    cache = DynamicCache() if kv is None else prefix_cache(kv.to(device, next(model.parameters()).dtype), 1)
+    cache = DynamicCache() if kv is None else prefix_dynamic_cache(kv.to(device, next(model.parameters()).dtype), 1)
     mask = torch.ones(1, prefix_len + len(token_ids), dtype=torch.long, device=device)
     positions = torch.arange(prefix_len, prefix_len + len(token_ids), device=device).unsqueeze(0)
     model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_argument(model, cache))
@@ -105,34 +88,3 @@ def prefix_past(model: torch.nn.Module, kv: torch.Tensor | None, token_ids: list
         # [1, Hkv, P+n, hd] -> the last n slots: this text's own keys and values
         layers.append(torch.stack([layer.keys[0, :, prefix_len:], layer.values[0, :, prefix_len:]]))
     return torch.stack(layers).float()
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: torch.nn.Module,
-    kv: torch.Tensor | None,  # [L, 2, Hkv, P, hd] or None
-    prompt_ids: list[int],
-    max_tokens: int,
-    eos_token_id: int | None = None,
-) -> list[int]:
-    """Greedy tokens after `prompt_ids` with prefix `kv` (HF forward; a test oracle)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    prefix_len = 0 if kv is None else kv.shape[3]
-    cache = DynamicCache() if kv is None else prefix_cache(kv.to(device, dtype), 1)
-    ids = torch.tensor([prompt_ids], device=device)
-    start = prefix_len
-    out: list[int] = []
-    for _ in range(max_tokens):
-        n = ids.shape[1]
-        mask = torch.ones(1, start + n, dtype=torch.long, device=device)
-        positions = torch.arange(start, start + n, device=device).unsqueeze(0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       use_cache=True, **cache_argument(model, cache)).logits
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token == eos_token_id:
-            break
-        start += n
-        ids = torch.tensor([[token]], device=device)
-    return out

@@ -24,12 +24,13 @@ MAX_DELAY_S = 60.0
 class WorkerSupervisor:
     def __init__(self, worker_args: list[str], count: int = 1, poll_s: float = 0.5,
                  env: dict[str, str] | None = None):
-        """`worker_args`: the flags after `prefix-serve worker`; `env`: added to ours."""
+        """`worker_args`: the flags after `prefix-serve worker`; `env`: the workers' environment
+        (default: ours)."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         self.command = [sys.executable, "-m", "server.cli", "worker", *worker_args]
         self.count = count
-        self.env = {**os.environ, **(env or {})}
+        self.env = dict(os.environ if env is None else env)
         self.poll_s = poll_s
         self.restarts = 0
         self._procs: list[subprocess.Popen | None] = [None] * count

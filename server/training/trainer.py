@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from server.training.data import TokenizedExample
-from server.training.prefix_forward import forward_with_prefix, model_spec, prefix_past
+from server.prefix import ModelSpec
+from server.training.prefix_forward import forward_with_prefix, prefix_past
 from server.training.reparam import PrefixMLP
 
 # (step, total_steps, loss) -> False to stop training (a cancelled job)
@@ -122,7 +123,7 @@ def init_token_ids(config: TrainConfig, examples: list[TokenizedExample], tokeni
 
 
 def build_prefix_mlp(model: torch.nn.Module, config: TrainConfig, init_kv: torch.Tensor) -> PrefixMLP:
-    spec = model_spec(model)
+    spec = ModelSpec.from_hf(model)
     mlp = PrefixMLP(config.num_virtual_tokens, spec.num_layers, spec.num_kv_heads, spec.head_dim,
                     embed_dim=model.config.hidden_size, mid_dim=config.mid_dim)
     mlp.fit_output(init_kv)
@@ -140,7 +141,7 @@ def train_prefix(
     """Train a prefix on `examples` with `model` frozen; see the module docstring."""
     if not examples:
         raise ValueError("no examples to train on")
-    spec = model_spec(model)
+    spec = ModelSpec.from_hf(model)
     device = next(model.parameters()).device
     task_len = 0 if task_kv is None else int(task_kv.shape[3])
     if task_kv is not None and tuple(task_kv.shape) != spec.kv_shape(task_len):

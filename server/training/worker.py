@@ -28,11 +28,10 @@ import torch
 
 from prefix_store import PrefixStore, StoreUnavailableError, TenantDeletedError
 from prefix_store.job import Job, JobStatus, LeaseState
-from prefix_store.jobs import JobQueue
-from server.engine.model_loader import model_fingerprint
-from server.residency import USER_PREFIX
-from server.training.data import Example, tokenize
-from server.training.prefix_forward import model_spec
+from prefix_store.job_queue import JobQueue
+from server.prefix import ModelSpec, model_fingerprint, user_prefix_id
+from server.training.data import tokenize
+from server.training.job_spec import BasePrefix, JobSpec
 from server.training.trainer import TrainConfig, train_prefix
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class _CastView:
 class Worker:
     def __init__(self, model: torch.nn.Module, tokenizer, queue: JobQueue, store: PrefixStore, config: WorkerConfig):
         self.model, self.tokenizer, self.queue, self.store, self.config = model, tokenizer, queue, store, config
-        self.spec = model_spec(model)
+        self.spec = ModelSpec.from_hf(model)
         self.fingerprints = serving_fingerprints(model)
         self.stop_requested = threading.Event()  # set by SIGTERM: finish the loop, give the job back
         # Called with (status, seconds) when this worker records a job's end (metrics).
@@ -102,7 +101,8 @@ class Worker:
         lease = _Lease(self.queue, job, self.config, self.stop_requested)
         try:
             try:
-                data, config, task_kv, fingerprint, description = self._plan(job)
+                spec = JobSpec.from_dict(job.spec)
+                data, config, task_kv, description = self._plan(job, spec)
                 result = train_prefix(self.model, data, config, tokenizer=self.tokenizer, task_kv=task_kv,
                                       progress=lease.on_step)
             finally:
@@ -129,8 +129,9 @@ class Worker:
         try:
             # the tenant's incarnation when the job was queued: a deleted (or deleted and
             # re-created) tenant gets nothing written into it
-            record, _ = self.store.put(job.tenant, USER_PREFIX + job.user_id, result.kv, model_fingerprint=fingerprint,
-                                       description=description, incarnation=job.spec.get("tenant_incarnation"))
+            record, _ = self.store.put(job.tenant, user_prefix_id(job.user_id), result.kv,
+                                       model_fingerprint=spec.model_fingerprint,
+                                       description=description, incarnation=spec.tenant_incarnation)
         except TenantDeletedError as e:
             return self._finish(job, JobStatus.FAILED, error=str(e))
         return self._finish(job, JobStatus.SUCCEEDED, prefix_id=record.prefix_id, version=record.version)
@@ -144,40 +145,36 @@ class Worker:
             self.on_finished(status, time.monotonic() - self._job_started)
         return status
 
-    def _plan(self, job: Job):
-        """(tokenized examples, TrainConfig, task kv or None, fingerprint, description) for a job."""
-        spec = job.spec
-        fingerprint = spec.get("model_fingerprint")
-        if fingerprint not in self.fingerprints:
-            raise JobError(f"the server that queued this job serves base model {fingerprint}, but this worker "
-                           f"loaded another one; start the worker with the server's --model")
-        examples = [Example(e["prompt"], e["completion"]) for e in spec["examples"]]
-        base = spec.get("base_prefix")
+    def _plan(self, job: Job, spec: JobSpec):
+        """(tokenized examples, TrainConfig, task kv or None, description) for a job."""
+        if spec.model_fingerprint not in self.fingerprints:
+            raise JobError(f"the server that queued this job serves base model {spec.model_fingerprint}, but this "
+                           "worker loaded another one; start the worker with the server's --model")
         task_kv, base_name = None, None
-        if base is not None:
-            task_kv, base_name = self._task_prefix(base, fingerprint)
-        config = TrainConfig(num_virtual_tokens=spec["num_virtual_tokens"], steps=spec["steps"],
-                             learning_rate=spec["learning_rate"], batch_size=min(self.config.batch_size, len(examples)),
-                             mid_dim=self.config.mid_dim, init_text=spec.get("init_text"),
-                             max_length=self.spec.max_model_len, seed=int(spec.get("seed", 0)))
-        data = tokenize(self.tokenizer, examples, config.max_length)
-        description = (f"personalized for user {job.user_id} by job {job.job_id}: {len(examples)} examples, "
+        if spec.base_prefix is not None:
+            task_kv, base_name = self._task_prefix(spec.base_prefix, spec.model_fingerprint)
+        config = TrainConfig(num_virtual_tokens=spec.num_virtual_tokens, steps=spec.steps,
+                             learning_rate=spec.learning_rate,
+                             batch_size=min(self.config.batch_size, len(spec.examples)),
+                             mid_dim=self.config.mid_dim, init_text=spec.init_text,
+                             max_length=self.spec.max_model_len, seed=spec.seed)
+        data = tokenize(self.tokenizer, list(spec.examples), config.max_length)
+        description = (f"personalized for user {job.user_id} by job {job.job_id}: {len(spec.examples)} examples, "
                        f"{config.steps} steps" + (f", after task prefix {base_name}" if base_name else ""))
-        return data, config, task_kv, fingerprint, description
+        return data, config, task_kv, description
 
-    def _task_prefix(self, base: dict, fingerprint: str) -> tuple[torch.Tensor, str]:
-        name = base["name"]
-        found = self.store.get(base["tenant"], base["prefix_id"])
+    def _task_prefix(self, base: BasePrefix, fingerprint: str) -> tuple[torch.Tensor, str]:
+        found = self.store.get(base.tenant, base.prefix_id)
         if found is None:
-            raise JobError(f"base prefix {name!r} was deleted before the job ran")
+            raise JobError(f"base prefix {base.name!r} was deleted before the job ran")
         record, kv = found
         if record.model_fingerprint != fingerprint:
-            raise JobError(f"base prefix {name!r} was made for base model {record.model_fingerprint}, "
+            raise JobError(f"base prefix {base.name!r} was made for base model {record.model_fingerprint}, "
                            f"not {fingerprint}")
         if tuple(kv.shape) != self.spec.kv_shape(record.num_virtual_tokens):
-            raise JobError(f"base prefix {name!r} has shape {tuple(kv.shape)}; this model needs "
+            raise JobError(f"base prefix {base.name!r} has shape {tuple(kv.shape)}; this model needs "
                            f"{self.spec.kv_shape(record.num_virtual_tokens)}")
-        return kv.float(), f"{name}@{record.version}"
+        return kv.float(), f"{base.name}@{record.version}"
 
 
 class _Lease:

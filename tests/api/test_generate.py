@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from server.engine.prefix import from_prompt_embeddings
+from server.prefix.peft_format import kv_from_prompt_embeddings
 from tests.api.harness import ADMIN_KEY, MODEL_NAME, peft_greedy, sse_events, upload
 from tests.factories import hf_greedy, tiny_llama
 
@@ -133,7 +133,7 @@ def test_openai_client_completions_and_models(stack, tenant_key, uploaded, adapt
 
 def test_prefix_list_and_user_prefix_compose_in_order(stack, tenant_key, uploaded, adapters, tokenizer):
     spec = stack.engine.engine.spec
-    kv0 = from_prompt_embeddings(adapters[0].prompt_embeddings, spec)
+    kv0 = kv_from_prompt_embeddings(adapters[0].prompt_embeddings, spec)
     kv_user = torch.randn(spec.kv_shape(3), generator=torch.Generator().manual_seed(7))
     from safetensors.torch import save
 

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from prefix_store import PrefixEvent, PrefixRecord, StoreUnavailableError
-from server.engine.prefix import Prefix, PrefixRef
-from server.residency import HostPrefixCache, PrefixMismatch, PrefixNotFound, PrefixResolver, PrefixUnavailable
+from server.api.host_prefixes import HostPrefixes
+from server.api.prefix_resolver import PrefixNotFound, PrefixResolver, PrefixUnavailable
+from server.prefix import ModelMismatchError, ModelSpec, Prefix, PrefixRef
 
 SHAPE = (2, 2, 2, 4, 8)  # one prefix: 2*2*2*4*8 float32 = 1 KiB
+SPEC = ModelSpec(num_layers=2, num_kv_heads=2, head_dim=8, fingerprint="fp", max_model_len=256)
 
 
 def prefix(tenant: str, pid: str, version: str, fill: float = 0.0) -> Prefix:
-    return Prefix(kv=torch.full(SHAPE, fill), refs=(PrefixRef(tenant, pid, version),))
+    return Prefix(kv=torch.full(SHAPE, fill), spec=SPEC, refs=(PrefixRef(tenant, pid, version),))
 
 
 class DictStore:
@@ -50,11 +52,11 @@ class DictStore:
 
 
 def make_resolver(store: DictStore, capacity: int = 1 << 20) -> PrefixResolver:
-    return PrefixResolver(store, lambda kv, refs: Prefix(kv=kv.clone(), refs=refs), HostPrefixCache(capacity), "fp")
+    return PrefixResolver(store, lambda kv, refs: Prefix(kv=kv.clone(), spec=SPEC, refs=refs), HostPrefixes(capacity), "fp")
 
 
 def test_lru_keeps_within_its_byte_budget_and_refreshes_on_use():
-    cache = HostPrefixCache(capacity_bytes=3 * 1024)
+    cache = HostPrefixes(capacity_bytes=3 * 1024)
     a, b, c, d = (prefix("t", n, "v1") for n in "abcd")
     for p in (a, b, c):
         cache.put(p)
@@ -63,14 +65,14 @@ def test_lru_keeps_within_its_byte_budget_and_refreshes_on_use():
     assert cache.get(b.key) is None  # b was the least recently used
     assert [cache.get(p.key) is p for p in (a, c, d)] == [True, True, True]
     assert cache.nbytes == 3 * 1024 and cache.evictions == 1
-    cache.put(Prefix(kv=torch.zeros(2, 2, 2, 64, 8), refs=(PrefixRef("t", "huge", "v"),)))
+    cache.put(Prefix(kv=torch.zeros(2, 2, 2, 64, 8), spec=SPEC, refs=(PrefixRef("t", "huge", "v"),)))
     assert len(cache) == 3  # larger than the whole budget: not kept, nothing evicted for it
 
 
 def test_drop_stale_removes_other_versions_and_compositions():
-    cache = HostPrefixCache(1 << 20)
+    cache = HostPrefixes(1 << 20)
     old, new, other = prefix("t", "a", "v1"), prefix("t", "a", "v2"), prefix("t", "b", "v1")
-    both = Prefix(kv=torch.zeros(SHAPE), refs=old.refs + other.refs)
+    both = Prefix(kv=torch.zeros(SHAPE), spec=SPEC, refs=old.refs + other.refs)
     for p in (old, new, other, both):
         cache.put(p)
     assert cache.drop_stale("t", "a", keep_version="v2") == 2
@@ -141,12 +143,12 @@ def test_unknown_shared_and_mismatched_prefixes():
     resolver.shared_prefixes = False
     with pytest.raises(PrefixNotFound, match="turned off"):
         asyncio.run(resolver.resolve("t", ["shared/house"]))
-    with pytest.raises(PrefixMismatch, match="fingerprint zz"):
+    with pytest.raises(ModelMismatchError, match="fingerprint zz"):
         asyncio.run(resolver.resolve("t", ["other-model"]))
 
 
 def test_cache_is_safe_to_drop_from_another_thread():
-    cache = HostPrefixCache(1 << 30)
+    cache = HostPrefixes(1 << 30)
     stop = threading.Event()
 
     def dropper():

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save
 from transformers import LlamaForCausalLM
 
-from server.engine.prefix import to_prompt_embeddings
+from server.prefix.peft_format import prompt_embeddings_from_kv
 from tests.api.harness import make_adapter, peft_greedy, upload
 from tests.factories import hf_greedy, tiny_llama
 
@@ -109,7 +109,7 @@ def bad_cases(spec, good_kv, adapter, wrong_model_adapter) -> dict[str, tuple]:
         "not a prefix file": ("notes.txt", b"hello, I am not a tensor file at all", {}, 400, ["safetensors"]),
         "no known tensor": ("p.safetensors", save({"weights": good_kv}), {}, 422, ["prefix_kv", "weights"]),
         "num_virtual_tokens disagrees": ("p.safetensors",
-                                         save({"prompt_embeddings": to_prompt_embeddings(good_kv)}),
+                                         save({"prompt_embeddings": prompt_embeddings_from_kv(good_kv)}),
                                          {"num_virtual_tokens": 5}, 422, ["4 rows", "num_virtual_tokens says 5"]),
     }
 
@@ -173,7 +173,7 @@ def test_body_over_the_upload_limit_is_refused_before_it_is_read(stack, tenant_k
 def test_safetensors_uploads_prefix_kv_and_prompt_embeddings(stack, tenant_key, uploader, spec, good_kv, tokenizer):
     r = uploader(tenant_key, "kv-file", save({"prefix_kv": good_kv}), "p.safetensors", description="raw kv")
     assert r.status_code == 201 and r.json()["description"] == "raw kv" and r.json()["num_virtual_tokens"] == 4
-    r2 = uploader(tenant_key, "emb-file", save({"prompt_embeddings": to_prompt_embeddings(good_kv)}),
+    r2 = uploader(tenant_key, "emb-file", save({"prompt_embeddings": prompt_embeddings_from_kv(good_kv)}),
                   "p.safetensors", num_virtual_tokens=4)
     assert r2.status_code == 201
     assert r2.json()["version"] == r.json()["version"]  # same tensor, same content hash

@@ -58,8 +58,8 @@ def test_consumer_leaving_early_aborts_and_frees_blocks():
 
     asyncio.run(main())
     assert not engine.requests
-    assert engine.pool.num_free == 64 - engine.prefix_cache.num_blocks
-    assert engine.prefix_cache.get(prefix.key).users == 0
+    assert engine.kv.pool.num_free == 64 - engine.kv.prefixes.num_blocks
+    assert engine.kv.prefixes.get(prefix.key).users == 0
 
 
 def test_queue_full_and_bad_requests_raise_in_the_caller():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.prefix import Prefix, PrefixError, from_prompt_embeddings
+from server.prefix import Prefix, PrefixError
+from server.prefix.peft_format import kv_from_prompt_embeddings
 from server.engine.sampling_params import SamplingParams
 from tests.factories import make_engine, tiny_llama
 
@@ -13,8 +14,8 @@ from tests.factories import make_engine, tiny_llama
 
 
 def _state(engine):
-    return (engine.pool.num_free, len(engine.requests), len(engine.scheduler.waiting),
-            len(engine.scheduler.running), len(engine.prefix_cache))
+    return (engine.kv.pool.num_free, len(engine.requests), len(engine.scheduler.waiting),
+            len(engine.scheduler.running), len(engine.kv.prefixes))
 
 
 @pytest.mark.parametrize("shape_or_tensor, message", [
@@ -33,16 +34,26 @@ def test_bad_prefix_is_refused_everywhere(shape_or_tensor, message):
     before = _state(engine)
     with pytest.raises(PrefixError, match=message):
         engine.make_prefix(kv)
-    # A Prefix built by hand (bypassing make_prefix) is still refused at add time.
-    with pytest.raises(PrefixError, match=message):
-        engine.add_request("r", [3, 4], SamplingParams(), Prefix(kv=kv))
+    assert _state(engine) == before and "r" not in engine.requests
+
+
+def test_a_prefix_checked_against_another_model_is_refused_at_add_time():
+    engine = make_engine(tiny_llama())
+    other = make_engine(tiny_llama(seed=1))  # same shapes, other weights
+    foreign = other.make_prefix(torch.zeros(2, 2, 2, 4, 16))
+    before = _state(engine)
+    with pytest.raises(PrefixError, match=f"checked against another model .fingerprint {other.spec.fingerprint}"):
+        engine.add_request("r", [3, 4], SamplingParams(), foreign)
+    # a hand-built Prefix must name the spec it was checked against: the engine trusts only its own
+    with pytest.raises(PrefixError, match="another model"):
+        engine.add_request("r", [3, 4], SamplingParams(), Prefix(kv=torch.zeros(2, 2, 2, 4, 16), spec=other.spec))
     assert _state(engine) == before and "r" not in engine.requests
 
 
 def test_prompt_embeddings_with_wrong_width_names_the_numbers():
     engine = make_engine(tiny_llama())
     with pytest.raises(PrefixError, match=r"num_layers\(2\) \* 2 \* num_kv_heads\(2\) \* head_dim\(16\) = 128"):
-        from_prompt_embeddings(torch.zeros(4, 100), engine.spec)
+        kv_from_prompt_embeddings(torch.zeros(4, 100), engine.spec)
 
 
 def test_prompt_longer_than_the_context():

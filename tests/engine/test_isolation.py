@@ -57,7 +57,7 @@ def test_every_sampling_value_is_refused_up_front_or_served(engine, neighbour_to
         [PROMPT, NEIGHBOUR], [params, SamplingParams(max_tokens=6, ignore_eos=True)])
     assert random_req.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), random_req.error
     assert neighbour.output_token_ids == neighbour_tokens
-    assert engine.pool.num_free == engine.pool.num_blocks  # nothing leaked
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks  # nothing leaked
 
 
 def _run_batch(engine, seeds: list[int], bad: set[int] | None = None):
@@ -81,7 +81,7 @@ def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
     got = _run_batch(engine, [1, 666, 3])
     assert got[1].finish_reason == FinishReason.ERROR and "sampler bug" in got[1].error
     assert [got[0].output_token_ids, got[2].output_token_ids] == [want[0], want[2]]
-    assert engine.pool.num_free == engine.pool.num_blocks - engine.prefix_cache.num_blocks
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks - engine.kv.prefixes.num_blocks
     assert not engine.has_unfinished()
 
 
@@ -116,7 +116,7 @@ def test_a_failed_forward_fails_its_step_and_the_engine_goes_on(monkeypatch):
     monkeypatch.setattr(engine.runner, "execute", execute_once_broken)
     failed = _run_batch(engine, [1, 2, 3])
     assert all(r.finish_reason == FinishReason.ERROR and "out of memory" in r.error for r in failed)
-    assert engine.pool.num_free == engine.pool.num_blocks - engine.prefix_cache.num_blocks
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks - engine.kv.prefixes.num_blocks
     assert [r.output_token_ids for r in _run_batch(engine, [1, 2, 3])] == want
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.prefix import compose
+from server.prefix import compose
 from server.engine.sampling_params import SamplingParams
 from tests.factories import make_engine, random_prefix, tiny_gpt2, tiny_llama
 
@@ -44,7 +44,7 @@ def test_mixed_prefixes_equal_alone(make_base, budget):
     assert max_batch >= (6 if budget > 100 else 4), "the requests never actually shared a step"
     for i, want in enumerate(expected):
         assert got[f"r{i}"] == want, f"request {i} (prefix len {prefixes[i].length if prefixes[i] else 0})"
-    assert engine.pool.num_free == engine.pool.num_blocks - engine.prefix_cache.num_blocks
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks - engine.kv.prefixes.num_blocks
 
 
 def test_shared_prefix_blocks_are_shared_not_copied():
@@ -56,5 +56,5 @@ def test_shared_prefix_blocks_are_shared_not_copied():
     running = engine.scheduler.running
     assert len(running) == 4
     assert all(r.prefix_blocks == running[0].prefix_blocks for r in running)
-    assert engine.prefix_cache.get(prefix.key).users == 4
-    assert engine.prefix_cache.num_blocks == 3
+    assert engine.kv.prefixes.get(prefix.key).users == 4
+    assert engine.kv.prefixes.num_blocks == 3

@@ -78,7 +78,7 @@ def test_generation_latencies_and_tokens_match_the_answers(samples, traffic: Tra
 
 def test_engine_families_mirror_the_engine_snapshot(stack, samples, traffic: Traffic):
     stats = stack.engine.stats()  # idle since the burst: the snapshot no longer moves
-    assert value(samples, P + "kv_blocks_total") == stats.kv_blocks_total == stack.engine.engine.pool.num_blocks
+    assert value(samples, P + "kv_blocks_total") == stats.kv_blocks_total == stack.engine.engine.kv.pool.num_blocks
     assert value(samples, P + "kv_blocks_free") == stats.kv_blocks_free
     assert value(samples, P + "kv_blocks_used") == stats.kv_blocks_total - stats.kv_blocks_free
     assert value(samples, P + "kv_blocks_prefix") == stats.kv_blocks_used_by_prefixes > 0

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from prefix_store.job import JobStatus, LeaseState, TooManyJobsError
-from prefix_store.jobs import JobQueue
+from prefix_store.job_queue import JobQueue
 from tests.prefix_store.helpers import unique_namespace, wait_until
 
 SPEC = {"examples": [{"prompt": "a", "completion": " b"}], "steps": 5}

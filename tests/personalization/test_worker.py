@@ -14,8 +14,8 @@ import torch
 
 from prefix_store import PrefixStore
 from prefix_store.job import JobStatus
-from prefix_store.jobs import JobQueue
-from server.engine.model_loader import model_fingerprint
+from prefix_store.job_queue import JobQueue
+from server.prefix import model_fingerprint
 from server.training.worker import Worker, WorkerConfig, serving_fingerprints
 from tests.personalization.conftest import ROOT, wait_for
 from tests.prefix_store.helpers import unique_namespace

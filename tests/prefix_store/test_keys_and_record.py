@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from prefix_store.errors import InvalidIdError
-from prefix_store.keys import PREFIX_RULE, TENANT_RULE, Keys, hash_tag, validate_prefix_id, validate_tenant
+from prefix_store.keys import Keys, hash_tag
+from server.prefix.ids import PREFIX_RULE, TENANT_RULE, InvalidIdError, validate_prefix_id, validate_tenant
 from prefix_store.record import PrefixEvent, PrefixRecord
-from server.engine.prefix import PrefixRef
+from server.prefix import PrefixRef
 from tests.prefix_store.helpers import FINGERPRINT, make_kv, namespace_keys
 
 

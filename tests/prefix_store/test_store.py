@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from prefix_store.errors import InvalidIdError, StoreIntegrityError
-from server.engine.prefix import PrefixError, PrefixRef
+from prefix_store.errors import StoreIntegrityError
+from server.prefix import InvalidIdError
+from server.prefix import PrefixError, PrefixRef
 from tests.prefix_store.helpers import FINGERPRINT, make_kv, namespace_keys
 
 

@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from prefix_store.errors import InvalidIdError, TenantDeletedError, TenantExistsError
+from prefix_store.errors import TenantDeletedError, TenantExistsError
+from server.prefix import InvalidIdError
 from tests.prefix_store.helpers import FINGERPRINT, make_kv, namespace_keys
 
 

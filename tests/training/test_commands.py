@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from server.cli import main
-from server.engine.prefix import load_peft_adapter
-from server.training.peft_export import export_peft_adapter
-from server.training.prefix_forward import model_spec
+from server.prefix import ModelSpec
+from server.prefix.peft_format import read_adapter, write_adapter
 from tests.training.conftest import MEMORY_EXAMPLES
 
 
@@ -43,8 +42,8 @@ def test_train_writes_a_peft_adapter_and_the_losses(model_dir, data_file, tmp_pa
     assert summary["config"]["init_text"] == "greet:"
     from transformers import AutoModelForCausalLM
 
-    spec = model_spec(AutoModelForCausalLM.from_pretrained(model_dir))
-    assert load_peft_adapter(out, spec).shape == spec.kv_shape(4)
+    spec = ModelSpec.from_hf(AutoModelForCausalLM.from_pretrained(model_dir))
+    assert read_adapter(out, spec).shape == spec.kv_shape(4)
     assert "20/20" in capsys.readouterr().err  # the progress bar ran to the end
 
 
@@ -58,9 +57,9 @@ def test_train_refuses_bad_settings_before_loading_anything(data_file, tmp_path,
 def test_eval_reports_bleu_of_composed_prefixes_served_by_the_engine(model_dir, data_file, task_then_user,
                                                                      tmp_path, capsys):
     model, _, _, task_kv, result = task_then_user
-    spec = model_spec(model)
-    task_dir = export_peft_adapter(task_kv, tmp_path / "task", spec)
-    user_dir = export_peft_adapter(result.kv, tmp_path / "user", spec)
+    spec = ModelSpec.from_hf(model)
+    task_dir = write_adapter(task_kv, tmp_path / "task", spec)
+    user_dir = write_adapter(result.kv, tmp_path / "user", spec)
     common = ["eval", "--data", str(data_file), "--model", str(model_dir), "--max-tokens", "20",
               "--kv-cache-mb", "4", "--device", "cpu", "--json"]
     outputs = tmp_path / "outputs.jsonl"
@@ -74,4 +73,4 @@ def test_eval_reports_bleu_of_composed_prefixes_served_by_the_engine(model_dir, 
     assert json.loads(capsys.readouterr().out)["bleu"] < 50
     assert main(common + ["--prefix", str(user_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["bleu"] < 100
-    assert torch.equal(load_peft_adapter(user_dir, spec), result.kv)
+    assert torch.equal(read_adapter(user_dir, spec), result.kv)

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.engine.prefix import load_peft_adapter
 from server.training.data import Example, tokenize
-from server.training.peft_export import export_peft_adapter
-from server.training.prefix_forward import forward_with_prefix, greedy_generate, model_spec
+from server.prefix import ModelSpec
+from server.prefix.peft_format import read_adapter, write_adapter
+from server.training.prefix_forward import forward_with_prefix
+from tests.factories import greedy_generate
 from server.training.trainer import TrainConfig, train_prefix
 from tests.training.conftest import MEMORY_EXAMPLES, make_byte_tokenizer, make_tiny_gpt2, make_tiny_llama
 
@@ -27,8 +28,8 @@ def exported(request, tmp_path_factory):
     tok = make_byte_tokenizer()
     model = make()
     result = train_prefix(model, tokenize(tok, EXAMPLES, 64), CONFIG, tokenizer=tok)
-    folder = export_peft_adapter(result.kv, tmp_path_factory.mktemp(request.param) / "adapter",
-                                 model_spec(model), mid_dim=CONFIG.mid_dim)
+    folder = write_adapter(result.kv, tmp_path_factory.mktemp(request.param) / "adapter",
+                                 ModelSpec.from_hf(model), mid_dim=CONFIG.mid_dim)
     return make, model, result.kv, folder
 
 
@@ -49,7 +50,7 @@ def test_folder_matches_what_peft_writes(exported, tmp_path):
     ours_config = json.loads((folder / "adapter_config.json").read_text())
     peft_config = json.loads((reference / "adapter_config.json").read_text())
     assert ours_config == peft_config
-    spec = model_spec(model)
+    spec = ModelSpec.from_hf(model)
     assert ours_config["token_dim"] == spec.num_kv_heads * spec.head_dim
     assert ours_config["num_attention_heads"] == spec.num_kv_heads
     ours = load_file(folder / "adapter_model.safetensors")
@@ -59,7 +60,7 @@ def test_folder_matches_what_peft_writes(exported, tmp_path):
 
 def test_folder_round_trips_through_the_servers_loader(exported):
     _, model, kv, folder = exported
-    assert torch.equal(load_peft_adapter(folder, model_spec(model)), kv)
+    assert torch.equal(read_adapter(folder, ModelSpec.from_hf(model)), kv)
 
 
 def test_peft_reproduces_our_logits_and_greedy_tokens(exported):

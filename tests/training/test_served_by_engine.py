@@ -7,7 +7,8 @@ import torch
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
-from server.training.prefix_forward import forward_with_prefix, greedy_generate
+from server.training.prefix_forward import forward_with_prefix
+from tests.factories import greedy_generate
 from tests.training.conftest import MEMORY_EXAMPLES
 
 

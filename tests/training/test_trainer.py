@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from server.training.data import Example, tokenize
-from server.training.prefix_forward import forward_with_prefix, greedy_generate, model_spec, prefix_past
+from server.prefix import ModelSpec
+from server.training.prefix_forward import forward_with_prefix, prefix_past
+from tests.factories import greedy_generate
 from server.training.trainer import TrainConfig, train_prefix
 from tests.training.conftest import MEMORY_EXAMPLES, make_byte_tokenizer, make_tiny_llama
 
@@ -38,7 +40,7 @@ def test_loss_falls_and_greedy_reproduces_the_trained_completions(trained):
 
 def test_result_is_final_kv_in_serving_layout(trained):
     model, _, _, result = trained
-    spec = model_spec(model)
+    spec = ModelSpec.from_hf(model)
     assert result.kv.shape == spec.kv_shape(MEMORIZE.num_virtual_tokens) == (2, 2, 2, 8, 16)
     assert result.kv.dtype == torch.float32 and not result.kv.requires_grad
     assert all(not p.requires_grad for p in model.parameters())  # base stayed frozen
@@ -74,7 +76,7 @@ def test_short_init_text_is_repeated_to_the_prefix_length(tokenizer):
 
 def test_gradients_reach_every_layer_of_the_prefix_kv():
     model = make_tiny_llama()
-    kv = torch.randn(model_spec(model).kv_shape(4), requires_grad=True)
+    kv = torch.randn(ModelSpec.from_hf(model).kv_shape(4), requires_grad=True)
     logits = forward_with_prefix(model, kv, torch.tensor([[5, 6, 7], [8, 9, 0]]),
                                  torch.tensor([[1, 1, 1], [1, 1, 0]]))
     logits[:, -1].sum().backward()

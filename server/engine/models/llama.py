@@ -3,7 +3,7 @@
 The HF modules (embeddings, norms, MLPs, projections, rotary embedding, lm_head) are used
 as loaded; this file owns only the layer loop, the cache writes and the attention call.
 Positions come from the caller: a request's real tokens sit at P, P+1, ... after its
-prefix of length P, and prefix keys are stored unrotated (ARCHITECTURE.md).
+prefix of length P, and prefix keys are stored unrotated (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ class LlamaForward:
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
-                and cfg.model_type in ("mistral",):
-            raise NotImplementedError("sliding-window attention is not supported")
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:

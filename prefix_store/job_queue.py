@@ -30,7 +30,8 @@ import redis
 
 from prefix_store.connection import make_client, unavailable_as_error
 from prefix_store.job import Job, JobStatus, LeaseState, TooManyJobsError
-from prefix_store.keys import Keys, validate_tenant
+from prefix_store.keys import Keys
+from server.prefix.ids import validate_tenant
 
 JOB_ID_RULE = re.compile(r"job-[0-9a-f]{32}")
 MAX_BLOCK_MS = 1000  # stays below the client's socket timeout (connection.SOCKET_TIMEOUT_S)

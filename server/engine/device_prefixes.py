@@ -1,4 +1,4 @@
-"""Device residency of prefixes: each resident prefix owns read-only blocks in the pool.
+"""The device tier of prefix residency: each resident prefix owns read-only blocks in the pool.
 
 # NOTE: invariants
 # - A resident prefix is keyed by its refs (tenant, id, version) of every part, so a
@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from server.engine.block_pool import BlockPool
-from server.engine.prefix import Prefix
+from server.engine.block_pool import BlockPool, blocks_for
+from server.prefix import Prefix
 
 
 @dataclass
@@ -29,11 +29,7 @@ class ResidentPrefix:
     users: int = 0
 
 
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
-class PrefixCache:
+class DevicePrefixes:
     def __init__(self, pool: BlockPool, block_size: int,
                  write: Callable[[list[int], torch.Tensor], None]) -> None:
         self.pool = pool
@@ -72,7 +68,7 @@ class PrefixCache:
             self.hits += 1
         else:
             need = blocks_for(prefix.length, self.block_size)
-            if not self.make_room(need):
+            if not self.evict_until_free(need):
                 return None
             blocks = self.pool.allocate(need)
             assert blocks is not None
@@ -93,8 +89,9 @@ class PrefixCache:
     def evictable_blocks(self) -> int:
         return sum(len(e.blocks) for e in self._entries.values() if e.users == 0)
 
-    def make_room(self, num_blocks: int) -> bool:
-        """Evict unused prefixes (LRU first) until `num_blocks` are free. All or nothing."""
+    def evict_until_free(self, num_blocks: int) -> bool:
+        """Evict unused prefixes (LRU first) until the pool has `num_blocks` free. All or
+        nothing: False, evicting nothing, if even evicting every unused one is not enough."""
         if self.pool.num_free >= num_blocks:
             return True
         if self.pool.num_free + self.evictable_blocks() < num_blocks:

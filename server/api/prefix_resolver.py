@@ -1,44 +1,37 @@
-"""The host-memory tier of prefix residency, and resolving a request's prefix ids.
-
-    device (prefix blocks in the KV pool, the engine's PrefixCache)
-      <- host memory (this LRU: validated Prefix objects in the engine dtype)
-        <- Redis (prefix_store)
+"""Resolving a request's prefix ids into one composed Prefix, loading what is not resident.
 
 # NOTE: invariants
-# - Entries are keyed by the refs (tenant, id, version) of every part, so a re-upload under
-#   the same id is a different key: the old tensor can never be served for the new version.
-# - Every resolve asks the store for the current version of each id (one HGET); the LRU
-#   only saves the tensor transfer and the validation. When the store cannot be reached,
-#   the version last seen for that id is served if it is still resident (requests on warm
-#   prefixes keep working while Redis is down); a cold prefix is then PrefixUnavailable.
-# - Store events drop entries of other versions at once (memory, and the fallback above
-#   must not pick a stale copy). Requests already running hold their own Prefix object
-#   and finish on it.
-# - Loading happens in the request's coroutine (Redis and validation in worker threads),
+# - Every resolve asks the store for the current version of each id (one HGET); the host
+#   LRU (host_prefixes.py) only saves the tensor transfer and the check. When the store
+#   cannot be reached, the version last seen for that id is served if it is still resident
+#   (requests on warm prefixes keep working while Redis is down); a cold prefix is then
+#   PrefixUnavailable.
+# - A `shared/<id>` name reaches only a prefix the admin tenant marked shared, never a
+#   user prefix, also through the outage fallback.
+# - Store events drop copies of other versions at once, on the host and on the device
+#   (memory, and the fallback above must not pick a stale copy). Requests already running
+#   hold their own Prefix object and finish on it.
+# - Loading happens in the request's coroutine (Redis and the check in worker threads),
 #   before the request reaches the engine: the step loop never waits for a load.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
 from prefix_store import PrefixEvent, PrefixRecord, PrefixStore, StoreUnavailableError
-from prefix_store.errors import shorten
-from server.engine.prefix import Prefix, PrefixRef, compose
-
-SHARED_PREFIX = "shared/"  # "shared/<id>": a prefix the admin tenant marked shared, read-only
-USER_PREFIX = "user:"  # "user:<user_id>" is a user's personalized prefix
+from server.api.host_prefixes import HostPrefixes
+from server.prefix import SHARED_PREFIX, ModelMismatchError, Prefix, PrefixRef, compose, shorten
+from server.prefix.ids import is_user_prefix
 
 
 def is_shareable(record: PrefixRecord) -> bool:
     """Reachable as `shared/<id>`: marked shared by the admin, and not a user prefix."""
-    return record.shared and not record.prefix_id.startswith(USER_PREFIX)
+    return record.shared and not is_user_prefix(record.prefix_id)
 
 
 class PrefixNotFound(LookupError):
@@ -49,92 +42,15 @@ class PrefixUnavailable(RuntimeError):
     """The store is unreachable and the prefix is not resident in host memory."""
 
 
-class PrefixMismatch(ValueError):
-    """The stored prefix was made for another base model than the one loaded."""
-
-
-class HostPrefixCache:
-    """LRU of Prefix objects within a byte budget; thread-safe (store events arrive on a thread)."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[PrefixRef, ...], Prefix] = OrderedDict()  # LRU first
-        # (tenant, id) -> (version last seen in the store, whether it was marked shared)
-        self._latest: dict[tuple[str, str], tuple[str, bool]] = {}
-        self._lock = threading.Lock()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: tuple[PrefixRef, ...]) -> Prefix | None:
-        with self._lock:
-            prefix = self._entries.get(key)
-            if prefix is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return prefix
-
-    def put(self, prefix: Prefix) -> None:
-        """Keep `prefix` (a prefix larger than the whole budget is simply not kept)."""
-        key = prefix.key
-        with self._lock:
-            if key in self._entries or prefix.nbytes > self.capacity_bytes:
-                return
-            self._entries[key] = prefix
-            self.nbytes += prefix.nbytes
-            while self.nbytes > self.capacity_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= old.nbytes
-                self.evictions += 1
-
-    def note_version(self, ref: PrefixRef, shared: bool = False) -> None:
-        with self._lock:
-            self._latest[(ref.tenant, ref.prefix_id)] = (ref.version, shared)
-
-    def latest_resident(self, tenant: str, prefix_id: str, shared_only: bool = False) -> Prefix | None:
-        """The resident copy of the version last seen in the store, for when the store is
-        down (with `shared_only`, only if that version was marked shared)."""
-        with self._lock:
-            latest = self._latest.get((tenant, prefix_id))
-            if latest is None or (shared_only and not latest[1]):
-                return None
-            return self._entries.get((PrefixRef(tenant, prefix_id, latest[0]),))
-
-    def drop_stale(self, tenant: str, prefix_id: str, keep_version: str | None) -> int:
-        """Drop every entry that uses (tenant, id) in a version other than keep_version."""
-        with self._lock:
-            if keep_version is None or self._latest.get((tenant, prefix_id), ("",))[0] != keep_version:
-                # a new version: whether it is shared is learnt at its next resolve
-                self._latest.pop((tenant, prefix_id), None)
-            stale = [k for k in self._entries
-                     if any(r.tenant == tenant and r.prefix_id == prefix_id and r.version != keep_version
-                            for r in k)]
-            for key in stale:
-                self.nbytes -= self._entries.pop(key).nbytes
-            return len(stale)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._latest.clear()
-            self.nbytes = 0
-
-
 class PrefixResolver:
     """Turns a tenant's prefix ids into one composed Prefix, loading what is not resident."""
 
     def __init__(self, store: PrefixStore, make_prefix: Callable[[torch.Tensor, tuple[PrefixRef, ...]], Prefix],
-                 cache: HostPrefixCache, model_fingerprint: str, *, admin_tenant: str = "admin",
+                 cache: HostPrefixes, model_fingerprint: str, *, admin_tenant: str = "admin",
                  shared_prefixes: bool = True,
                  on_stale: Callable[[str, str, str | None], None] | None = None) -> None:
         self.store = store
-        self.make_prefix = make_prefix  # engine.make_prefix: validates and casts to the engine dtype
+        self.make_prefix = make_prefix  # engine.make_prefix: checks once and casts to the engine dtype
         self.cache = cache
         self.model_fingerprint = model_fingerprint
         self.admin_tenant = admin_tenant
@@ -188,7 +104,7 @@ class PrefixResolver:
             raise PrefixUnavailable(f"prefix {shorten(name)} is not loaded on this server and the prefix store "
                                     "is unreachable; retry shortly") from e
         if record.model_fingerprint != self.model_fingerprint:
-            raise PrefixMismatch(f"prefix {shorten(name)} was made for base model fingerprint "
+            raise ModelMismatchError(f"prefix {shorten(name)} was made for base model fingerprint "
                                  f"{record.model_fingerprint}; this server runs {self.model_fingerprint}")
         self.cache.note_version(record.ref, is_shareable(record))
         prefix = self.cache.get((record.ref,))
@@ -231,6 +147,7 @@ class PrefixResolver:
             self.on_stale(event.tenant, event.prefix_id, keep)
 
     def on_reconnect(self) -> None:
-        # Events published while we were disconnected are lost. Every resolve re-checks the
-        # version with the store anyway, so only the fallback map can be stale: forget it.
+        # Events published while we were disconnected are lost, so any host copy, and the
+        # versions the outage fallback would serve, may be stale: drop them all. (Device
+        # copies are keyed by version, and every resolve asks the store for the current one.)
         self.cache.clear()

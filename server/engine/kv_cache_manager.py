@@ -1,0 +1,73 @@
+"""The one owner of the paged KV pool's blocks: every request's own segment and every
+resident prefix's shared segment (vLLM v1's KVCacheManager plays this part).
+
+    pool: [num_blocks] blocks of block_size slots, all layers at once
+      ├─ resident prefixes (device_prefixes.py): read-only blocks shared by their users
+      └─ each running request's own segment: its prompt and output tokens, in order
+
+# NOTE: the scheduler asks this class for blocks and never touches the pool itself.
+# Allocation is all or nothing and evicts unused prefixes (LRU) before it gives up; what
+# to do when it gives up (wait, or preempt a request) is the scheduler's decision.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from server.engine.block_pool import BlockPool, blocks_for
+from server.engine.device_prefixes import DevicePrefixes
+from server.engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int,
+                 write_prefix: Callable[[list[int], torch.Tensor], None]) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.prefixes = DevicePrefixes(self.pool, block_size, write_prefix)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    def blocks_needed(self, prefix_len: int, num_tokens: int) -> int:
+        """Blocks a request holds at most: its prefix's and its own `num_tokens`."""
+        return blocks_for(prefix_len, self.block_size) + blocks_for(num_tokens, self.block_size)
+
+    def acquire_prefix(self, req: Request) -> bool:
+        """Make req's prefix resident (if it has one) and count req as its user. False, with
+        nothing taken, if the pool has no room for it."""
+        if req.prefix is None:
+            return True
+        entry = self.prefixes.acquire(req.prefix)
+        if entry is None:
+            return False
+        req.prefix_blocks = entry.blocks
+        return True
+
+    def allocate(self, req: Request, num_tokens: int) -> bool:
+        """Grow req's own segment to hold `num_tokens` slots, evicting unused prefixes if
+        needed. False, with nothing taken, if there is not room even then."""
+        need = blocks_for(num_tokens, self.block_size) - len(req.own_blocks)
+        if need <= 0:
+            return True
+        if not self.prefixes.evict_until_free(need):
+            return False
+        blocks = self.pool.allocate(need)
+        assert blocks is not None
+        req.own_blocks += blocks
+        return True
+
+    def free(self, req: Request) -> None:
+        """Give back everything req holds: its own blocks, and its use of its prefix."""
+        self.pool.free(req.own_blocks)
+        req.own_blocks = []
+        if req.prefix is not None and req.prefix_blocks:
+            self.prefixes.release(req.prefix.key)
+        req.prefix_blocks = []
