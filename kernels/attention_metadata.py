@@ -32,8 +32,8 @@ class AttentionMetadata:
     seq_lens_host: list[int] = field(default_factory=list)  # [B]
     prefix_blocks_host: list[list[int]] = field(default_factory=list)  # [B][*]
     own_blocks_host: list[list[int]] = field(default_factory=list)  # [B][*]
-    # Filled lazily by a kernel that wants a per-step plan shared by all layers.
-    plan: object | None = None
+    # Per-step plans of the kernels, built at the first layer and shared by all of them.
+    plan: dict[str, object] = field(default_factory=dict)
 
     @staticmethod
     def build(
@@ -48,31 +48,35 @@ class AttentionMetadata:
         """Build from host lists; the new tokens are the last q_lens[b] of each own segment."""
         b = len(q_lens)
         assert len(prefix_lens) == len(prefix_blocks) == len(seq_lens) == len(own_blocks) == b
-        cu = [0]
-        for q in q_lens:
-            cu.append(cu[-1] + q)
-        slots: list[int] = []
-        for q, n, blocks in zip(q_lens, seq_lens, own_blocks):
-            if q > n:
-                raise ValueError(f"a request schedules {q} new tokens but its own segment holds {n}")
-            for pos in range(n - q, n):
-                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-
-        def table(rows: list[list[int]]) -> torch.Tensor:
-            width = max([len(r) for r in rows] + [1])
-            return torch.tensor([r + [0] * (width - len(r)) for r in rows] or [[0]], dtype=torch.int32)
-
+        q = torch.tensor(q_lens, dtype=torch.int64)  # [B]
+        n = torch.tensor(seq_lens, dtype=torch.int64)
+        if bool((q > n).any()):
+            i = int(torch.nonzero(q > n)[0])
+            raise ValueError(f"a request schedules {q_lens[i]} new tokens but its own segment holds {seq_lens[i]}")
+        cu = torch.zeros(b + 1, dtype=torch.int64)
+        torch.cumsum(q, 0, out=cu[1:])
+        own_table = _table(own_blocks)  # [B, W] int64
+        # slot of each new token: the last q_b positions of request b's own segment
+        row = torch.repeat_interleave(torch.arange(b), q)  # [T] the request of each token
+        pos = (n - q)[row] + torch.arange(int(cu[-1])) - cu[:-1][row]  # [T] its position in the segment
+        slots = own_table[row, pos // block_size] * block_size + pos % block_size
         return AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            cu_seqlens_q=cu.to(device, torch.int32),
             prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32, device=device),
-            prefix_block_tables=table(prefix_blocks).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table(own_blocks).to(device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            prefix_block_tables=_table(prefix_blocks).to(device, torch.int32),
+            seq_lens=n.to(device, torch.int32),
+            block_tables=own_table.to(device, torch.int32),
+            slot_mapping=slots.to(device),
             block_size=block_size,
             q_lens_host=list(q_lens),
             prefix_lens_host=list(prefix_lens),
             seq_lens_host=list(seq_lens),
-            prefix_blocks_host=[list(r) for r in prefix_blocks],
-            own_blocks_host=[list(r) for r in own_blocks],
+            prefix_blocks_host=prefix_blocks,
+            own_blocks_host=own_blocks,
         )
+
+
+def _table(rows: list[list[int]]) -> torch.Tensor:
+    """[B, max len] int64, padded with 0 (at least one column)."""
+    width = max([len(r) for r in rows] + [1])
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows] or [[0]], dtype=torch.int64)

@@ -68,9 +68,17 @@ def build_plan(meta: AttentionMetadata, device: torch.device) -> list[_Group]:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k_cache, v_cache: [num_blocks, block_size, Hkv, hd]; k, v: [T, Hkv, hd]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """k_cache, v_cache: [num_blocks, block_size, Hkv, hd] (any strides); k, v: [T, Hkv, hd]."""
+    blocks, slots = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
+    k_cache[blocks, slots] = k.to(k_cache.dtype)
+    v_cache[blocks, slots] = v.to(v_cache.dtype)
+
+
+def gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, hd] (any strides), pool rows [N] -> [N, Hkv, hd]."""
+    if cache.is_contiguous():
+        return cache.view(-1, *cache.shape[2:]).index_select(0, rows)
+    return cache[rows // cache.shape[1], rows % cache.shape[1]]
 
 
 def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -81,21 +89,19 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     in the compute dtype and the softmax in float32 (as HF's eager attention does); on
     CPU this is several times faster than SDPA with a mask in bfloat16.
     """
-    if meta.plan is None:
-        meta.plan = build_plan(meta, q.device)
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, Hkv, hd]
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    if "torch" not in meta.plan:
+        meta.plan["torch"] = build_plan(meta, q.device)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    for g in meta.plan:
+    for g in meta.plan["torch"]:
         r, n = g.num_rows, g.q_len
         # [R, Hkv, G*q, hd]: query heads grouped under the kv head they read, (G, q) flattened
         qg = (q.index_select(0, g.token_index).view(r, n, num_kv_heads, group, head_dim)
               .permute(0, 2, 3, 1, 4).reshape(r, num_kv_heads, group * n, head_dim))
-        kg = k_flat.index_select(0, g.gather).view(r, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        vg = v_flat.index_select(0, g.gather).view(r, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        kg = gather_rows(k_cache, g.gather).view(r, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        vg = gather_rows(v_cache, g.gather).view(r, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
         kg, vg = kg.to(q.dtype), vg.to(q.dtype)  # [R, Hkv, L, hd]
         scores = torch.matmul(qg, kg.transpose(-1, -2)).float().mul_(scale)  # [R, Hkv, G*q, L]
         scores.masked_fill_(g.blocked(group), float("-inf"))

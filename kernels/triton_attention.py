@@ -182,12 +182,9 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     if q.stride(2) != 1:
         q = q.contiguous()
-    if not isinstance(meta.plan, TritonPlan):
-        plan = build_plan(meta, q.device)
-        if meta.plan is None:
-            meta.plan = plan
-    else:
-        plan = meta.plan
+    if "triton" not in meta.plan:
+        meta.plan["triton"] = build_plan(meta, q.device)
+    plan = meta.plan["triton"]
 
     # CPU tensors only run under the interpreter, whose tl.dot cannot take bfloat16.
     interpreted = q.device.type == "cpu"

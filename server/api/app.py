@@ -35,8 +35,9 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     """The app for `engine` (not started yet: the lifespan starts and stops it) and `store`."""
     if settings.admin_key is None:
         raise ValueError("create_app needs settings.admin_key (`serve` generates one on loopback)")
-    spec = engine.engine.spec
-    resolver = PrefixResolver(store, engine.engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
+    engine.connect()  # the spec of the model (an engine process loads it now)
+    spec = engine.spec
+    resolver = PrefixResolver(store, engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
                               spec.fingerprint, admin_tenant=settings.admin_tenant,
                               shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix)
     auth = Authenticator(store, settings.admin_key.get_secret_value(), settings.admin_tenant)

@@ -31,11 +31,11 @@ class ServerContext:
 
     @property
     def spec(self):
-        return self.engine.engine.spec
+        return self.engine.spec
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
 
 def get_ctx(request: Request) -> ServerContext:

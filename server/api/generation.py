@@ -150,10 +150,11 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: flo
         if first.finished:
             return
         while True:
-            remaining = deadline - asyncio.get_running_loop().time()
             try:
-                out = await asyncio.wait_for(anext(outputs), max(remaining, 0.0))
-            except asyncio.TimeoutError as e:
+                # a timer, not wait_for's task per token: this runs for every token of every stream
+                async with asyncio.timeout_at(deadline):
+                    out = await anext(outputs)
+            except TimeoutError as e:
                 raise _timeout(ctx) from e
             except StopAsyncIteration:
                 return
@@ -168,7 +169,8 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: flo
 
 async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
     result = Completion(prompt_tokens=len(job.prompt_token_ids))
-    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix)
+    # not streamed: the engine sends this request's output once, when it finishes
+    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix, stream=False)
     async with contextlib.aclosing(outputs):
         first = True
         while True:

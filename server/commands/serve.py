@@ -108,20 +108,25 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     from prefix_store import PrefixStore
     from server.api.app import create_app
     from server.engine.async_engine import AsyncEngine
-    from server.engine.llm_engine import LLMEngine
-    from server.engine.model_loader import load_model
+    from server.engine.engine_process import EngineProcessConfig
+    from server.engine.model_loader import load_tokenizer, model_folder
 
     store = PrefixStore(redis_url, namespace=settings.namespace)
     if not store.ping():
         print(f"prefix-serve: warning: Redis at {redis_url} does not answer yet; starting anyway", file=sys.stderr)
-    loaded = load_model(settings.model, settings.dtype, settings.device, settings.cache_dir)
-    engine = LLMEngine(loaded.model, loaded.tokenizer, settings.engine_config())
-    async_engine = AsyncEngine(engine, max_waiting=settings.max_queue)
-    app = create_app(settings, async_engine, store, model_name=loaded.name)
+    # The model itself loads in the engine process (the step loop's own interpreter and
+    # main thread); this process tokenizes, resolves prefixes and speaks HTTP.
+    folder, name = model_folder(settings.model, settings.cache_dir)
+    process = EngineProcessConfig(model=str(folder), dtype=settings.dtype, device=settings.device,
+                                  cache_dir=str(settings.cache_dir), engine=settings.engine_config(),
+                                  host_prefix_bytes=settings.host_cache_bytes,
+                                  log_level="error" if settings.log_level == "critical" else settings.log_level)
+    async_engine = AsyncEngine(process=process, tokenizer=load_tokenizer(folder), max_waiting=settings.max_queue)
+    app = create_app(settings, async_engine, store, model_name=name)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"prefix-serve: model {loaded.name} ({engine.dtype}, {engine.device}), "
-          f"{engine.kv.num_blocks} KV blocks of {settings.block_size} tokens", flush=True)
+    print(f"prefix-serve: model {name} ({settings.dtype}, {settings.device}), an engine process of its own",
+          flush=True)
     print(f"prefix-serve: serving on http://{host}:{settings.port}", flush=True)
     if generated_key:
         print(f"prefix-serve: admin key: {settings.admin_key.get_secret_value()} "

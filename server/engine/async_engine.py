@@ -1,26 +1,38 @@
-"""Drives an LLMEngine from asyncio: the step loop runs in one background thread.
+"""The engine as asyncio sees it: submit a request, iterate its outputs, abort it.
 
-# NOTE: the engine itself is single-threaded. Only the loop thread touches it; callers
-# hand it commands (add, abort) through an inbox that the loop drains before each step,
-# and outputs travel back to each caller's asyncio.Queue with call_soon_threadsafe.
-# A caller that stops iterating (client gone, task cancelled) aborts its request, which
-# frees its blocks before the next step.
+The step loop (EngineCore) runs either in an engine process of its own (`AsyncEngine.spawn`,
+what serve does) or in a background thread of this process (`AsyncEngine(engine)`, for
+tests and embedding). Both are fed the same commands and send the same StepBatch per step.
+
+# NOTE: only the event loop's thread touches the request table (`_sinks`): commands leave
+# through a channel, and each step's batch of outputs comes back to the event loop in ONE
+# callback (call_soon_threadsafe), which hands every output to its caller's queue. A caller
+# that stops iterating (client gone, task cancelled) aborts its request, which frees its
+# blocks before the next step. Requests are checked here (check_request against the
+# engine's limits) before anything is sent, so a bad request never reaches the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing as mp
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
+import torch
+
+from server.engine.engine_core import (Abort, AddRequest, Died, DropStale, EngineCore, PrefixPayload, Ready,
+                                       StepBatch, Stop)
+from server.engine.engine_process import EngineProcessConfig, main as engine_process_main, receive, send
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, RequestOutput
-from server.prefix import Prefix
+from server.engine.request import EngineLimits, check_request
 from server.engine.sampling_params import SamplingParams
+from server.prefix import Prefix, PrefixRef
 
 log = logging.getLogger(__name__)
 
@@ -30,154 +42,288 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The step loop crashed; requests in flight fail with this."""
+    """The step loop crashed (or its process died); requests in flight fail with this."""
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    prefix: Prefix | None
-    sink: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    arrival_time: float
+class _ThreadChannel:
+    """The EngineCore loop in a background thread of this process."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def connect(self) -> Ready:
+        e = self.engine
+        return Ready(e.limits, str(e.dtype).removeprefix("torch."), str(e.device))
+
+    def start(self, on_batch: Callable[[object], None]) -> None:
+        core = EngineCore(self.engine)
+
+        def receive_commands(timeout: float | None) -> list[object]:
+            if self._inbox.empty() and timeout:
+                self._wake.wait(timeout)
+            self._wake.clear()
+            out = []
+            while True:
+                try:
+                    out.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    return out
+
+        def run() -> None:
+            try:
+                core.run(receive_commands, on_batch)
+            except BaseException as e:  # noqa: BLE001 - every waiter must learn the loop died
+                log.exception("engine loop crashed")
+                on_batch(Died(repr(e)))
+
+        self._thread = threading.Thread(target=run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def send(self, command: object) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class _ProcessChannel:
+    """The EngineCore loop in an engine process (spawned: a clean interpreter, its own GIL),
+    a pipe to it, and a reader and a writer thread here so the event loop never blocks on it."""
+
+    def __init__(self, config: EngineProcessConfig, start_timeout_s: float = 600.0) -> None:
+        self.config = config
+        self.start_timeout_s = start_timeout_s
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._proc = None
+        self._conn = None
+
+    def connect(self) -> Ready:
+        """Start the engine process and wait until its model is loaded."""
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=engine_process_main, args=(child, self.config), name="prefix-serve-engine",
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(self.start_timeout_s):
+            self._proc.kill()
+            raise EngineDeadError(f"the engine process did not start within {self.start_timeout_s:.0f} s")
+        try:
+            ready = receive(parent)
+        except EOFError as e:
+            raise EngineDeadError(f"the engine process exited while starting (code {self._proc.exitcode})") from e
+        if not isinstance(ready, Ready):
+            raise EngineDeadError(f"the engine process failed to start: {getattr(ready, 'error', ready)}")
+        return ready
+
+    def start(self, on_batch: Callable[[object], None]) -> None:
+        threading.Thread(target=self._read, args=(on_batch,), name="engine-reader", daemon=True).start()
+        threading.Thread(target=self._write, name="engine-writer", daemon=True).start()
+
+    def _read(self, on_batch: Callable[[object], None]) -> None:
+        try:
+            while True:
+                on_batch(receive(self._conn))
+        except (EOFError, OSError) as e:
+            code = self._proc.exitcode if self._proc is not None else None
+            on_batch(Died(f"the engine process is gone (exit code {code}; {type(e).__name__})"))
+
+    def _write(self) -> None:
+        while True:
+            command = self._outbox.get()
+            try:
+                send(self._conn, command)
+            except (OSError, EOFError):
+                return
+            if isinstance(command, Stop):
+                return
+
+    def send(self, command: object) -> None:
+        self._outbox.put(command)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self._proc is None:
+            return
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | None = None, max_waiting: int = 256, *,
+                 process: EngineProcessConfig | None = None, tokenizer=None) -> None:
+        """AsyncEngine(engine): the loop in a thread here. AsyncEngine(process=..., tokenizer=...):
+        the loop in an engine process that loads the model itself (serve)."""
+        if (engine is None) == (process is None):
+            raise ValueError("give an LLMEngine (a thread here) or a process config (an engine process)")
+        self._channel = _ThreadChannel(engine) if engine is not None else _ProcessChannel(process)
+        self.engine = engine  # the in-process engine (tests look at it); None with an engine process
+        self.tokenizer = engine.tokenizer if engine is not None else tokenizer
         self.max_waiting = max_waiting
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
-        self._pending = 0  # added by callers, not yet seen by the loop thread
-        self._lock = threading.Lock()
-        self._stats = engine.stats()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._error: BaseException | None = None
+        self.limits: EngineLimits | None = None
+        self.dtype: torch.dtype | None = None
+        self.device: str | None = None
+        self._sinks: dict[str, asyncio.Queue] = {}
+        self._inflight: dict[str, tuple[AddRequest, Prefix | None]] = {}  # sent: to send again if the core asks
+        self._core_has: set[tuple] = set()  # prefix keys whose tensor the core holds
+        self._stats = EngineStats()
+        self._sent_since_batch = 0
+        self._error: str | None = None
+        self._started = False
+
+    # ---- lifecycle
+
+    def connect(self) -> None:
+        """Blocking: start the engine (process) and learn its limits, spec and dtype. start()
+        does it too; serve calls it first because the app is built around the spec."""
+        if self.limits is None:
+            ready = self._channel.connect()
+            self.limits, self.dtype, self.device = ready.limits, getattr(torch, ready.dtype), ready.device
 
     async def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-            self._thread.start()
+        """Connect if needed, then deliver the loop's outputs to this event loop."""
+        if self._started:
+            return
+        if self.limits is None:
+            await asyncio.to_thread(self.connect)
+        loop = asyncio.get_running_loop()
+
+        def on_batch(message: object) -> None:  # on the loop's or the reader's thread
+            loop.call_soon_threadsafe(self._on_message, message)
+
+        self._channel.start(on_batch)
+        self._started = True
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Let running requests finish (up to drain_timeout), then stop the loop."""
         deadline = time.monotonic() + drain_timeout
-        while self._sinks and time.monotonic() < deadline:
+        while self._sinks and time.monotonic() < deadline and self._error is None:
             await asyncio.sleep(0.05)
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
-            self._thread = None
+        if self._started:
+            self._channel.send(Stop())
+            await asyncio.to_thread(self._channel.join, 10.0)
+        self._started = False
+
+    @property
+    def spec(self):
+        return self.limits.spec
+
+    @property
+    def error(self) -> str | None:
+        """Why the step loop died, if it did."""
+        return self._error
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the step loop has died (or before it started)."""
+        return self._started and self._error is None and self._channel.alive()
 
     def stats(self) -> EngineStats:
         return self._stats
 
     @property
     def num_waiting(self) -> int:
-        s = self._stats
-        return s.num_waiting + self._pending
+        return self._stats.num_waiting + self._sent_since_batch
+
+    def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = ()) -> Prefix:
+        """Check kv [L, 2, Hkv, P, hd] against the engine's model (once); a host copy in its dtype."""
+        return Prefix.make(kv, self.limits.spec, refs, self.dtype)
+
+    # ---- requests
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                       prefix: Prefix | None = None) -> AsyncIterator[RequestOutput]:
+                       prefix: Prefix | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """The request's outputs: deltas as they come (stream) or only the finished one."""
         if self._error is not None:
-            raise EngineDeadError(f"the engine loop stopped: {self._error!r}")
-        self.engine.check_request(prompt_token_ids, sampling, prefix)  # pure: raises ValueError
-        with self._lock:
-            if self._stats.num_waiting + self._pending >= self.max_waiting:
-                raise QueueFullError(f"{self.max_waiting} requests are already waiting")
-            self._pending += 1
+            raise EngineDeadError(f"the engine loop stopped: {self._error}")
+        if self.limits is None:
+            self.connect()
+        check_request(self.limits, prompt_token_ids, sampling, prefix)  # raises RequestError
+        if self.num_waiting >= self.max_waiting:
+            raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+        if request_id in self._sinks:
+            raise ValueError(f"request id {request_id!r} is already in use")
         sink: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self._inbox.put(_Add(request_id, prompt_token_ids, sampling, prefix, sink, loop, time.monotonic()))
-        self._wake.set()
+        self._sinks[request_id] = sink
+        add = AddRequest(request_id, list(prompt_token_ids), sampling, self._payload(prefix), time.monotonic(), stream)
+        self._inflight[request_id] = (add, prefix)
+        self._channel.send(add)
+        self._sent_since_batch += 1
         finished = False
         try:
             while True:
                 item = await sink.get()
                 if isinstance(item, BaseException):
+                    finished = True  # nothing runs: it was refused, or the engine died
                     raise item
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
+            self._sinks.pop(request_id, None)
+            self._inflight.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        if self._started:
+            self._channel.send(Abort(request_id))
 
     def drop_stale_prefix(self, tenant: str, prefix_id: str, keep_version: str | None) -> None:
-        """A store event said (tenant, prefix_id) changed: evict other versions from the pool
+        """A store event said (tenant, prefix_id) changed: drop other versions from the engine
         now, unless a running request still reads them (those go when it finishes, by LRU)."""
-        self._inbox.put(("drop_stale", (tenant, prefix_id, keep_version)))
-        self._wake.set()
+        if self._started:
+            self._channel.send(DropStale(tenant, prefix_id, keep_version))
 
-    @property
-    def error(self) -> BaseException | None:
-        """What killed the step loop, if it died."""
-        return self._error
+    def _payload(self, prefix: Prefix | None, force: bool = False) -> PrefixPayload | None:
+        if prefix is None:
+            return None
+        if prefix.key in self._core_has and not force:
+            return PrefixPayload(prefix.key, prefix.refs, None)
+        self._core_has.add(prefix.key)
+        return PrefixPayload(prefix.key, prefix.refs, prefix.kv)
 
-    @property
-    def is_alive(self) -> bool:
-        """False once the step loop has crashed (or was never started)."""
-        return self._error is None and self._thread is not None and self._thread.is_alive()
+    # ---- on the event loop: what the core sent
 
-    # ---- the loop thread --------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                self._drain_inbox()
-                if not self.engine.has_unfinished():
-                    self._stats = self.engine.stats()
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                    continue
-                outputs = self.engine.step()
-                self._stats = self.engine.stats()
-                for out in outputs:
-                    self._deliver(out)
-        except BaseException as e:  # noqa: BLE001 - every waiter must learn the loop died
-            log.exception("engine loop crashed")
-            self._error = e
-            for sink, loop in list(self._sinks.values()):
-                loop.call_soon_threadsafe(sink.put_nowait, EngineDeadError(f"engine loop crashed: {e!r}"))
-            self._sinks.clear()
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(cmd, _Add):
-                with self._lock:
-                    self._pending -= 1
-                try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.sampling, cmd.prefix,
-                                            arrival_time=cmd.arrival_time)
-                    self._sinks[cmd.request_id] = (cmd.sink, cmd.loop)
-                except Exception as e:  # noqa: BLE001 - hand the error to its caller
-                    cmd.loop.call_soon_threadsafe(cmd.sink.put_nowait, e)
-            elif cmd[0] == "drop_stale":
-                self.engine.kv.prefixes.drop_stale(*cmd[1])
-            else:
-                _, request_id = cmd
-                self.engine.abort(request_id)
-                self._sinks.pop(request_id, None)
-
-    def _deliver(self, out: RequestOutput) -> None:
-        target = self._sinks.get(out.request_id)
-        if target is None:
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, Died):
+            self._die(message.error)
             return
-        if out.finished:
-            del self._sinks[out.request_id]
-        sink, loop = target
-        loop.call_soon_threadsafe(sink.put_nowait, out)
+        batch: StepBatch = message
+        self._sent_since_batch = 0
+        if batch.stats is not None:
+            self._stats = batch.stats
+        self._core_has.difference_update(batch.forgotten)
+        for request_id in batch.need_prefix:  # the core forgot the prefix meanwhile: send its tensor again
+            if request_id in self._inflight:
+                add, prefix = self._inflight[request_id]
+                self._channel.send(replace(add, prefix=self._payload(prefix, force=True)))
+        for request_id, error in batch.rejected:
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                sink.put_nowait(error)
+        for out in batch.outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink.put_nowait(out)
+
+    def _die(self, error: str) -> None:
+        if self._error is None:
+            log.error("the engine loop died: %s", error)
+        self._error = error
+        for sink in self._sinks.values():
+            sink.put_nowait(EngineDeadError(f"engine loop crashed: {error}"))

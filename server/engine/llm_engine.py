@@ -20,11 +20,11 @@ from server.engine.detokenizer import Detokenizer, emittable, find_stop
 from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
-from server.engine.request import Request, RequestError, RequestStatus
+from server.engine.request import EngineLimits, Request, RequestError, RequestStatus, check_request
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerOutput
-from server.prefix import ModelSpec, Prefix, PrefixError, PrefixRef
+from server.prefix import ModelSpec, Prefix, PrefixRef
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.requests: dict[str, Request] = {}
         self._stats = EngineStats()
+        self.limits = EngineLimits(spec=self.spec, vocab_size=int(model.config.vocab_size),
+                                   num_blocks=num_blocks, block_size=config.block_size,
+                                   has_tokenizer=tokenizer is not None)
 
     # ---- requests -------------------------------------------------------------------
 
@@ -53,35 +56,8 @@ class LLMEngine:
         return Prefix.make(kv, self.spec, refs, self.dtype)
 
     def check_request(self, prompt_token_ids: list[int], sampling: SamplingParams, prefix: Prefix | None) -> None:
-        """Raise RequestError (PrefixError for a foreign prefix) naming the numbers if the request
-        can never run. Changes nothing."""
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
-        if not prompt_token_ids:
-            raise RequestError("the prompt is empty: at least one token is needed")
-        if prefix is not None and prefix.spec != self.spec:
-            raise PrefixError(f"the prefix was checked against another model (fingerprint {prefix.spec.fingerprint}, "
-                              f"{prefix.spec.num_layers} layers); this engine runs {self.spec.fingerprint}: make it "
-                              "with this engine's make_prefix")
-        p = prefix.length if prefix is not None else 0
-        n, limit = len(prompt_token_ids), self.spec.max_model_len
-        if p + n >= limit:
-            raise RequestError(f"prompt of {n} tokens after a prefix of {p} does not fit the context of "
-                               f"{limit} tokens (at most {limit - p - 1} prompt tokens)")
-        if p + n + sampling.max_tokens > limit:
-            raise RequestError(f"prefix {p} + prompt {n} + max_tokens {sampling.max_tokens} = "
-                               f"{p + n + sampling.max_tokens} exceeds the context of {limit} tokens; "
-                               f"use max_tokens <= {limit - p - n}")
-        vocab = self.model.config.vocab_size  # after the length checks: a huge prompt is refused in O(1)
-        bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        need = self.kv.blocks_needed(p, n + sampling.max_tokens)
-        if need > self.kv.num_blocks:
-            raise RequestError(f"request needs {need} KV blocks of {self.kv.block_size} tokens; the pool has "
-                               f"{self.kv.num_blocks}")
-        if sampling.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer; this engine has none")
+        """Raise RequestError naming the numbers if the request can never run. Changes nothing."""
+        check_request(self.limits, prompt_token_ids, sampling, prefix)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     prefix: Prefix | None = None, arrival_time: float | None = None) -> None:
@@ -224,7 +200,7 @@ class LLMEngine:
             req.status = RequestStatus.RUNNING
             inp = self.runner.prepare([req], [n])
             inp.logits_indices = torch.arange(n, device=self.device)
-            return self.runner.execute(inp)
+            return self.runner.execute(inp).float()
         finally:
             self.kv.free(req)
 

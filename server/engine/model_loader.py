@@ -120,15 +120,26 @@ def load_model(
     path: str | None = None, dtype: str = "auto", device: str = "auto", cache_dir: Path | None = None
 ) -> LoadedModel:
     """Load `path` (a local HF causal-LM folder) or, when None, the embedded SmolLM2."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = Path(path) if path else ensure_default_model(cache_dir)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a HF model folder (no config.json)")
+    folder, name = model_folder(path, cache_dir)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(dev).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    name = DEFAULT_MODEL_NAME if path is None else folder.name
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(folder))
+    return LoadedModel(model=model, tokenizer=load_tokenizer(folder), name=name, path=str(folder))
+
+
+def model_folder(path: str | None = None, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """(the HF folder, the name clients use for it) of `path`, or of the embedded SmolLM2
+    (converted first if needed)."""
+    folder = Path(path) if path else ensure_default_model(cache_dir)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a HF model folder (no config.json)")
+    return folder, DEFAULT_MODEL_NAME if path is None else folder.name
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -1,4 +1,5 @@
-"""One generation request as the engine tracks it."""
+"""One generation request as the engine tracks it, and the check a request passes before it is
+accepted (against the engine's limits, also on the API side of an engine process)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,61 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from server.engine.block_pool import blocks_for
 from server.engine.outputs import FinishReason
-from server.prefix import Prefix
 from server.engine.sampling_params import SamplingParams
+from server.prefix import ModelSpec, Prefix, PrefixError
 
 
 class RequestError(ValueError):
     """A request the engine can never run (empty prompt, a token outside the vocabulary,
     longer than the context or the pool); the message names the numbers."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request is checked against before it reaches the engine (the engine's, or an
+    engine process's, sent to the API at start-up)."""
+
+    spec: ModelSpec
+    vocab_size: int
+    num_blocks: int  # KV pool
+    block_size: int
+    has_tokenizer: bool
+
+
+def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: SamplingParams,
+                  prefix: Prefix | None) -> None:
+    """Raise RequestError (PrefixError for a prefix made for another model) naming the numbers
+    if the request can never run. Pure: changes nothing."""
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+    if not prompt_token_ids:
+        raise RequestError("the prompt is empty: at least one token is needed")
+    spec = limits.spec
+    if prefix is not None and prefix.spec != spec:
+        raise PrefixError(f"the prefix was checked against another model (fingerprint {prefix.spec.fingerprint}, "
+                          f"{prefix.spec.num_layers} layers); this engine runs {spec.fingerprint}: make it with "
+                          "this engine's make_prefix")
+    p = prefix.length if prefix is not None else 0
+    n, limit = len(prompt_token_ids), spec.max_model_len
+    if p + n >= limit:
+        raise RequestError(f"prompt of {n} tokens after a prefix of {p} does not fit the context of "
+                           f"{limit} tokens (at most {limit - p - 1} prompt tokens)")
+    if p + n + sampling.max_tokens > limit:
+        raise RequestError(f"prefix {p} + prompt {n} + max_tokens {sampling.max_tokens} = "
+                           f"{p + n + sampling.max_tokens} exceeds the context of {limit} tokens; "
+                           f"use max_tokens <= {limit - p - n}")
+    vocab = limits.vocab_size  # after the length checks: a huge prompt is refused in O(1)
+    bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    need = blocks_for(p, limits.block_size) + blocks_for(n + sampling.max_tokens, limits.block_size)
+    if need > limits.num_blocks:
+        raise RequestError(f"request needs {need} KV blocks of {limits.block_size} tokens; the pool has "
+                           f"{limits.num_blocks}")
+    if sampling.stop and not limits.has_tokenizer:
+        raise RequestError("stop strings need a tokenizer; this engine has none")
 
 
 class RequestStatus(Enum):
@@ -43,7 +91,8 @@ class Request:
     num_text_emitted: int = 0  # characters of output_text already sent
     num_tokens_emitted: int = 0  # tokens already sent
     detok_prefix_offset: int = 0  # incremental detokenization window (see detokenizer.py)
-    detok_read_offset: int = 0
+    detok_read_offset: int = 0  # output tokens already detokenized
+    detok_stream: object | None = None  # the fast tokenizer's DecodeStream of this request
     first_token_time: float | None = None
     num_preemptions: int = 0
 

@@ -1,17 +1,24 @@
-"""Next-token choice per request: greedy, or temperature / top-k / top-p with a seed.
+"""Next-token choice for a whole batch: greedy, or temperature / top-k / top-p with a seed.
 
-Seeded sampling draws the n-th output token from a generator seeded by (seed, n), so the
-same seed gives the same tokens whatever else shares the batch, and a request that was
-preempted and recomputed draws exactly what it would have drawn.
+    greedy rows:  the first index of each row's maximum, on the logits in their own dtype
+    other rows:   scores = logits / temperature, top-k and top-p cuts to -inf, then
+                  token = argmax(scores + Gumbel noise)   (a draw from softmax(scores))
+
+The sampled rows are done together (one masked argmax for all of them). A seeded request
+draws its n-th token's noise from a generator seeded by (seed, n), so the same seed gives
+the same tokens whatever else shares the batch, and a request that was preempted and
+recomputed draws exactly what it would have drawn.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels import layer_ops
 from server.engine.sampling_params import SamplingParams
 
 _SEED_STRIDE = 1_000_003
+_TINY = 1e-20  # keeps log(-log(u)) finite at u = 0
 
 
 def token_seed(seed: int, index: int) -> int:
@@ -21,32 +28,41 @@ def token_seed(seed: int, index: int) -> int:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> list[int]:
-    """logits: [N, V] float32; output_index[i]: how many tokens request i has produced."""
+    """logits: [N, V] (any float dtype); output_index[i]: how many tokens request i has produced."""
     if logits.shape[0] == 0:
         return []
-    tokens = logits.argmax(dim=-1).tolist()  # greedy for every row, overwritten below
-    for i, p in enumerate(params):
-        if not p.greedy:
-            tokens[i] = _sample_row(logits[i], p, output_index[i])
-    return tokens
+    tokens = layer_ops(logits.device).argmax_rows(logits.contiguous())  # [N]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        chosen = _sample_rows(logits[rows].float(), [params[i] for i in rows], [output_index[i] for i in rows])
+        tokens[rows] = chosen
+    return tokens.tolist()
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
-    scores = logits / p.temperature  # [V]
-    if p.top_k > 0 and p.top_k < scores.shape[0]:
-        kth = torch.topk(scores, p.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
+def _sample_rows(scores: torch.Tensor, params: list[SamplingParams], index: list[int]) -> torch.Tensor:
+    """scores: [S, V] float32 logits of the rows that sample -> [S] tokens."""
+    s, vocab = scores.shape
+    scores = scores / torch.tensor([p.temperature for p in params], device=scores.device)[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        k = torch.tensor(ks, device=scores.device)
+        kth = torch.topk(scores, max(ks), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])  # [S, 1]
+        scores = scores.masked_fill((scores < kth) & (k > 0)[:, None], float("-inf"))
+    tops = torch.tensor([p.top_p for p in params], device=scores.device)
+    if bool((tops < 1.0).any()):
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
-        # Keep a token while the mass before it is below top_p (the first is always kept).
-        drop = probs.cumsum(dim=-1) - probs >= p.top_p
-        drop[0] = False  # also when top_p rounds to 0 in float32
-        scores = scores.index_put((order[drop],), torch.tensor(float("-inf")))
-    probs = scores.softmax(dim=-1)
-    gen = torch.Generator(device=logits.device)
-    if p.seed is not None:
-        gen.manual_seed(token_seed(p.seed, index))
-    else:
-        gen.seed()
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+        # Keep a token while the mass before it is below top_p; the first is always kept.
+        drop = (probs.cumsum(dim=-1) - probs) >= tops[:, None]
+        drop[:, 0] = False
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    u = torch.empty_like(scores)
+    for row, (p, i) in enumerate(zip(params, index)):
+        gen = torch.Generator(device=scores.device)
+        if p.seed is not None:
+            gen.manual_seed(token_seed(p.seed, i))
+        else:
+            gen.seed()
+        u[row].uniform_(generator=gen)
+    gumbel = -torch.log(-torch.log(u.clamp_(_TINY, 1.0 - 1e-7)))
+    return (scores + gumbel).argmax(dim=-1)

@@ -106,7 +106,7 @@ class _RecordingTokenizer:
 
 
 def test_large_prompts_are_tokenized_off_the_event_loop(stack, key):
-    engine = stack.engine.engine
+    engine = stack.engine  # the API tokenizes with the AsyncEngine's tokenizer
     recorder = _RecordingTokenizer(engine.tokenizer)
     engine.tokenizer = recorder
     try:

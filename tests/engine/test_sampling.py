@@ -77,3 +77,54 @@ def test_stop_helpers():
     assert find_stop("hello world", ("xyz",), new_chars=3) is None
     assert emittable("abcdef", ("xyz",), finished=False) == 4
     assert emittable("abcdef", ("xyz",), finished=True) == 6
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    """As argmax (HF's greedy) does: bfloat16 logits tie often."""
+    logits = torch.zeros(3, 50)
+    logits[0, [7, 30]] = 2.0
+    logits[1, [0, 49]] = 1.0
+    logits[2, 11] = 5.0
+    assert sample(logits, [SamplingParams()] * 3, [0] * 3) == [7, 0, 11]
+
+
+def test_sampling_draws_from_the_softmax():
+    """Gumbel-max: token 1 has probability 3/4 at temperature 1, 9/10 at temperature 0.5."""
+    import math
+
+    logits = torch.tensor([[0.0, math.log(3.0)]]).repeat(2000, 1)
+    for temperature, want in ((1.0, 0.75), (0.5, 0.9)):
+        params = [SamplingParams(temperature=temperature, seed=s) for s in range(2000)]
+        share = sum(sample(logits, params, [0] * 2000)) / 2000
+        assert abs(share - want) < 0.03, (temperature, share)
+
+
+def test_incremental_text_adds_up_to_the_decoded_tokens(smollm2_tokenizer):
+    """On the real tokenizer: multi-byte characters split over tokens, special tokens skipped."""
+    import random
+
+    from server.engine.detokenizer import Detokenizer
+    from server.engine.request import Request
+
+    tok = smollm2_tokenizer
+    rng = random.Random(0)
+    sequences = [tok("héllo wörld 你好 🙂 <|im_end|> end", add_special_tokens=False)["input_ids"] * 2]
+    sequences += [[rng.randrange(len(tok)) for _ in range(30)] for _ in range(50)]
+    for ids in sequences:
+        for detok in (Detokenizer(tok), _WindowedOnly(tok)):
+            req = Request("r", [1], SamplingParams())
+            for token in ids:
+                req.output_token_ids.append(token)
+                detok.update(req)
+            assert req.output_text == tok.decode(ids, skip_special_tokens=True)
+
+
+class _WindowedOnly:
+    """The detokenizer's path for tokenizers without a DecodeStream."""
+
+    def __new__(cls, tokenizer):
+        from server.engine.detokenizer import Detokenizer
+
+        d = Detokenizer(tokenizer)
+        d._backend = None
+        return d

@@ -109,3 +109,13 @@ def naive_attention(batch: Batch, scale: float) -> torch.Tensor:
         out[t0:t0 + q_len] = torch.einsum("hjl,lhd->jhd", weights, values)
         t0 += q_len
     return out
+
+
+def head_major(batch: Batch) -> Batch:
+    """The same batch with the caches stored as the engine stores them: [num_blocks, Hkv,
+    block_size, hd] in memory, seen as [num_blocks, block_size, Hkv, hd]."""
+    def restore(cache: torch.Tensor) -> torch.Tensor:
+        return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+    return Batch(batch.q, restore(batch.k_cache), restore(batch.v_cache), batch.meta, batch.prefix_blocks,
+                 batch.own_blocks)

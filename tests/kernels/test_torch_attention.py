@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attention_cases import CASES, Case, make_batch, naive_attention, pool_rows
+from attention_cases import CASES, Case, head_major, make_batch, naive_attention, pool_rows
 from kernels import torch_attention
 from kernels.attention_metadata import AttentionMetadata
 
@@ -16,12 +16,15 @@ HEAD_DIM = 16
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
+@pytest.mark.parametrize("layout", ["slot-major", "head-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [1, 2, 4], ids=lambda g: f"gqa{g}")
 @pytest.mark.parametrize("block_size", [4, 16], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_matches_naive_attention(case: Case, block_size: int, group: int, dtype: torch.dtype) -> None:
+def test_matches_naive_attention(case: Case, block_size: int, group: int, dtype: torch.dtype, layout: str) -> None:
     batch = make_batch(case, block_size, NUM_KV_HEADS, group, HEAD_DIM, dtype)
+    if layout == "head-major":
+        batch = head_major(batch)
     scale = HEAD_DIM ** -0.5
     out = torch_attention.prefix_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale)
     assert out.dtype == dtype and out.shape == batch.q.shape
@@ -33,11 +36,11 @@ def test_plan_is_reused_across_layers() -> None:
     # Each layer has its own cache; the metadata (and its plan) is shared by all of them.
     batch = make_batch(CASES[2], 4, NUM_KV_HEADS, 2, HEAD_DIM, torch.float32)
     torch_attention.prefix_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, 0.25)
-    plan = batch.meta.plan
+    plan = batch.meta.plan["torch"]
     other = replace(batch, q=torch.randn_like(batch.q), k_cache=torch.randn_like(batch.k_cache),
                     v_cache=torch.randn_like(batch.v_cache))  # the next layer: same layout, new values
     out = torch_attention.prefix_attention(other.q, other.k_cache, other.v_cache, batch.meta, 0.25)
-    assert batch.meta.plan is plan
+    assert batch.meta.plan["torch"] is plan
     torch.testing.assert_close(out.double(), naive_attention(other, 0.25), atol=1e-5, rtol=1e-5)
 
 

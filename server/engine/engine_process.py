@@ -1,0 +1,76 @@
+"""serve's engine process: loads the model, builds the LLMEngine and runs the EngineCore loop
+on its main thread, talking to the API process over a pipe (server/engine/async_engine.py
+is the other end).
+
+Messages are pickled with the plain pickler (tensors copied as bytes, never moved to shared
+memory behind our back): commands one per message, one StepBatch per step back.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from server.engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineProcessConfig:
+    model: str | None  # a local HF folder; None = the embedded SmolLM2
+    dtype: str
+    device: str
+    cache_dir: str | None
+    engine: EngineConfig
+    host_prefix_bytes: int = 1 << 30  # host copies of prefixes the engine keeps between requests
+    log_level: str = "WARNING"
+
+
+def send(conn: Connection, message: object) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> object:
+    return pickle.loads(conn.recv_bytes())
+
+
+def main(conn: Connection, config: EngineProcessConfig) -> None:
+    """The child's entry point (multiprocessing, spawn)."""
+    from pathlib import Path
+
+    from server.engine.engine_core import Died, EngineCore, Ready
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.model_loader import load_model
+
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to serve, which stops us after draining
+    try:
+        loaded = load_model(config.model, config.dtype, config.device,
+                            Path(config.cache_dir) if config.cache_dir else None)
+        engine = LLMEngine(loaded.model, loaded.tokenizer, config.engine)
+        send(conn, Ready(engine.limits, str(engine.dtype).removeprefix("torch."), str(engine.device)))
+        core = EngineCore(engine, config.host_prefix_bytes)
+
+        def commands(timeout: float | None) -> list[object]:
+            out: list[object] = []
+            if conn.poll(timeout):
+                out.append(receive(conn))
+                while conn.poll(0):
+                    out.append(receive(conn))
+            return out
+
+        core.run(commands, lambda batch: send(conn, batch))
+    except (EOFError, BrokenPipeError):
+        pass  # the API process went away: so do we
+    except BaseException as e:  # noqa: BLE001 - tell the API process why, then die
+        log.exception("the engine process failed")
+        try:
+            send(conn, Died(f"{e!r}\n{traceback.format_exc()[-2000:]}"))
+        except (OSError, EOFError):
+            pass
+        raise
