@@ -1,5 +1,6 @@
-"""Micro-benchmark of prefix attention on SmolLM2-sized steps: the torch path, and on CUDA
-the Triton kernel next to it.
+"""Micro-benchmark of prefix attention on SmolLM2-sized steps: the torch reference and the
+C++ CPU kernels (kernels/cpu_attention.py, on the head-major cache layout the engine
+keeps), and on CUDA the Triton kernel next to the torch path.
 
     .venv/bin/python bench/kernel_bench.py [--iters 50] [--out bench/results/kernel_bench.json]
 
@@ -28,14 +29,15 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kernels import torch_attention  # noqa: E402
+from kernels import cpu_attention, cpu_ops, torch_attention  # noqa: E402
 from kernels.attention_metadata import AttentionMetadata  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64
 BLOCK_SIZE, PREFIX_LEN, NUM_REQUESTS = 16, 16, 64
 
 
-def make_step(q_lens: list[int], own_lens: list[int], dtype: torch.dtype, device: str, seed: int = 0):
+def make_step(q_lens: list[int], own_lens: list[int], dtype: torch.dtype, device: str, seed: int = 0,
+              head_major: bool = False):
     """A pool holding every request's prefix and own blocks in shuffled order, and a query batch."""
     blocks_for = lambda n: -(-n // BLOCK_SIZE)  # noqa: E731  ceil division
     num_blocks = sum(blocks_for(PREFIX_LEN) + blocks_for(n) for n in own_lens)
@@ -49,8 +51,15 @@ def make_step(q_lens: list[int], own_lens: list[int], dtype: torch.dtype, device
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     v_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if head_major:  # the engine's layout: each kv head's block rows contiguous, same logical shape
+        k_cache = k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+        v_cache = v_cache.transpose(1, 2).contiguous().transpose(1, 2)
     q = torch.randn(sum(q_lens), NUM_HEADS, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
     return q, k_cache, v_cache, meta
+
+
+def torch_plan(meta: AttentionMetadata):
+    return torch_attention.build_plan(meta, meta.seq_lens.device)
 
 
 def workloads() -> dict[str, tuple[list[int], list[int]]]:
@@ -77,10 +86,11 @@ def median_us(fn: Callable[[], object], iters: int, device: str) -> float:
 
 
 def bench_backend(name: str, attention: Callable, plan_builder: Callable, q_lens: list[int],
-                  own_lens: list[int], dtype: torch.dtype, device: str, iters: int) -> tuple[dict, torch.Tensor]:
-    q, k_cache, v_cache, meta = make_step(q_lens, own_lens, dtype, device)
+                  own_lens: list[int], dtype: torch.dtype, device: str, iters: int,
+                  head_major: bool = False) -> tuple[dict, torch.Tensor]:
+    q, k_cache, v_cache, meta = make_step(q_lens, own_lens, dtype, device, head_major=head_major)
     scale = HEAD_DIM ** -0.5
-    plan_us = median_us(lambda: plan_builder(meta, q.device), iters, device)
+    plan_us = median_us(lambda: plan_builder(meta), iters, device)
     out = attention(q, k_cache, v_cache, meta, scale)  # builds and caches meta.plan
     per_call_us = median_us(lambda: attention(q, k_cache, v_cache, meta, scale), iters, device)
     return {"backend": name, "device": device, "dtype": str(dtype).removeprefix("torch."),
@@ -97,18 +107,27 @@ def main() -> int:
     runs: list[dict] = []
     for workload, (q_lens, own_lens) in workloads().items():
         for dtype in (torch.float32, torch.bfloat16):
-            row, _ = bench_backend("torch", torch_attention.prefix_attention, torch_attention.build_plan,
-                                   q_lens, own_lens, dtype, "cpu", args.iters)
-            runs.append({"workload": workload, **row})
+            ref, ref_out = bench_backend("torch", torch_attention.prefix_attention, torch_plan,
+                                         q_lens, own_lens, dtype, "cpu", args.iters)
+            runs.append({"workload": workload, **ref})
             print(runs[-1], flush=True)
+            if cpu_ops.available():
+                cpu, cpu_out = bench_backend("cpu_kernels", cpu_attention.prefix_attention,
+                                             cpu_attention.build_prefill_plan, q_lens, own_lens, dtype, "cpu",
+                                             args.iters, head_major=True)
+                cpu["max_abs_diff_vs_torch"] = (cpu_out.float() - ref_out.float()).abs().max().item()
+                cpu["speedup_vs_torch"] = round(ref["per_call_us"] / cpu["per_call_us"], 2)
+                runs.append({"workload": workload, **cpu})
+                print(runs[-1], flush=True)
         if not torch.cuda.is_available():
             continue
         from kernels import triton_attention
 
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ref, ref_out = bench_backend("torch", torch_attention.prefix_attention, torch_attention.build_plan,
+            ref, ref_out = bench_backend("torch", torch_attention.prefix_attention, torch_plan,
                                          q_lens, own_lens, dtype, "cuda", args.iters)
-            tri, tri_out = bench_backend("triton", triton_attention.prefix_attention, triton_attention.build_plan,
+            tri, tri_out = bench_backend("triton", triton_attention.prefix_attention,
+                                         lambda meta: triton_attention.build_plan(meta, meta.seq_lens.device),
                                          q_lens, own_lens, dtype, "cuda", args.iters)
             tri["max_abs_diff_vs_torch"] = (tri_out.float() - ref_out.float()).abs().max().item()
             tri["speedup_vs_torch"] = round(ref["per_call_us"] / tri["per_call_us"], 2)

@@ -24,6 +24,7 @@ from server.api.auth import Caller
 from server.api.context import ServerContext
 from server.api.errors import ApiError, ClientGone
 from server.api.schemas import Message, PrefixUsed, SamplingFields
+from server.engine.async_engine import RequestTimeoutError
 from server.engine.outputs import FinishReason, RequestOutput
 from server.engine.request import RequestError
 from server.engine.sampling_params import SamplingParams
@@ -102,28 +103,26 @@ async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: l
 
 async def complete(ctx: ServerContext, request: Request, job: GenerationJob) -> Completion:
     """Run to the end. Raises ApiError (429, 400, 504, 503) or ClientGone."""
-    work = _collect(ctx, job)
     try:
-        return await until_disconnect(request, asyncio.wait_for(work, ctx.settings.request_timeout_s))
-    except asyncio.TimeoutError as e:
+        return await until_disconnect(request, _collect(ctx, job))
+    except RequestTimeoutError as e:
         raise _timeout(ctx) from e
 
 
 async def open_stream(ctx: ServerContext, request: Request, job: GenerationJob) -> AsyncIterator[RequestOutput]:
     """Start the request and wait for its first output, so that 429/400 can still be a status
     code; then return an iterator over all outputs (the first one included)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.settings.request_timeout_s
-    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix)
+    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix,
+                                  timeout_s=ctx.settings.request_timeout_s)
     try:
-        first = await until_disconnect(request, asyncio.wait_for(_first(ctx, outputs), ctx.settings.request_timeout_s))
-    except asyncio.TimeoutError as e:
+        first = await until_disconnect(request, _first(ctx, outputs))
+    except RequestTimeoutError as e:
         await outputs.aclose()
         raise _timeout(ctx) from e
     except BaseException:
         await outputs.aclose()
         raise
-    return _rest(ctx, outputs, first, deadline, job.tenant)
+    return _rest(ctx, outputs, first, job.tenant)
 
 
 def _failed(out: RequestOutput) -> ApiError:
@@ -141,23 +140,10 @@ async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> R
     return out
 
 
-async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: float,
-                tenant: str) -> AsyncIterator[RequestOutput]:
+async def _rest(ctx: ServerContext, outputs, first: RequestOutput, tenant: str) -> AsyncIterator[RequestOutput]:
     async with contextlib.aclosing(outputs):
-        if first.finished:
-            ctx.metrics.observe_finished(tenant, first)
-        yield first
-        if first.finished:
-            return
+        out = first
         while True:
-            try:
-                # a timer, not wait_for's task per token: this runs for every token of every stream
-                async with asyncio.timeout_at(deadline):
-                    out = await anext(outputs)
-            except TimeoutError as e:
-                raise _timeout(ctx) from e
-            except StopAsyncIteration:
-                return
             if out.finish_reason == FinishReason.ERROR:
                 raise _failed(out)
             if out.finished:
@@ -165,12 +151,19 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, deadline: flo
             yield out
             if out.finished:
                 return
+            try:
+                out = await anext(outputs)
+            except RequestTimeoutError as e:  # the engine's per-request timer: no timer per token
+                raise _timeout(ctx) from e
+            except StopAsyncIteration:
+                return
 
 
 async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
     result = Completion(prompt_tokens=len(job.prompt_token_ids))
     # not streamed: the engine sends this request's output once, when it finishes
-    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix, stream=False)
+    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix, stream=False,
+                                  timeout_s=ctx.settings.request_timeout_s)
     async with contextlib.aclosing(outputs):
         first = True
         while True:

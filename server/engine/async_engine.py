@@ -45,6 +45,10 @@ class EngineDeadError(RuntimeError):
     """The step loop crashed (or its process died); requests in flight fail with this."""
 
 
+class RequestTimeoutError(TimeoutError):
+    """The request ran past its timeout; it was aborted."""
+
+
 class _ThreadChannel:
     """The EngineCore loop in a background thread of this process."""
 
@@ -245,8 +249,11 @@ class AsyncEngine:
     # ---- requests
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                       prefix: Prefix | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
-        """The request's outputs: deltas as they come (stream) or only the finished one."""
+                       prefix: Prefix | None = None, stream: bool = True,
+                       timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs: deltas as they come (stream) or only the finished one.
+        Past `timeout_s` the request is aborted and RequestTimeoutError raised (one timer per
+        request, nothing per token)."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop stopped: {self._error}")
         if self.limits is None:
@@ -262,18 +269,23 @@ class AsyncEngine:
         self._inflight[request_id] = (add, prefix)
         self._channel.send(add)
         self._sent_since_batch += 1
+        timer = None if timeout_s is None else asyncio.get_running_loop().call_later(
+            timeout_s, sink.put_nowait, RequestTimeoutError(f"the request ran longer than {timeout_s:g} s"))
         finished = False
         try:
             while True:
                 item = await sink.get()
                 if isinstance(item, BaseException):
-                    finished = True  # nothing runs: it was refused, or the engine died
+                    # refused or the engine died: nothing runs; a timeout still runs: abort it
+                    finished = not isinstance(item, RequestTimeoutError)
                     raise item
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             self._sinks.pop(request_id, None)
             self._inflight.pop(request_id, None)
             if not finished:

@@ -202,24 +202,14 @@ class EngineCore:
             idle_wait_s: float = 0.5) -> None:
         """Until Stop: commands in, one batch out per step. `receive(timeout)` returns the
         commands that arrived (waiting up to `timeout` for the first; None = forever)."""
-        import os, json as _json
-        trace = os.environ.get("CORE_TRACE")
-        recs = []
         while not self.stopped:
             busy = self.engine.has_unfinished()
-            t0 = time.perf_counter()
             self.apply(receive(0.0 if busy else idle_wait_s))
-            t1 = time.perf_counter()
             if self.stopped:
-                if trace: open(trace, "w").write(_json.dumps(recs))
                 return
             batch = self.step()
-            t2 = time.perf_counter()
-            if trace and busy: recs.append((t1 - t0, t2 - t1, batch.stats.last_step_tokens, batch.stats.num_running, batch.stats.num_waiting))
             if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten:
-                t3 = time.perf_counter()
                 send(batch)
-                if trace and busy: recs[-1] = recs[-1] + (time.perf_counter() - t3,)
 
 
 def finished_as_error(request_id: str, error: str) -> RequestOutput:

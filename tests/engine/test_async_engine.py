@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
-from server.engine.async_engine import AsyncEngine, QueueFullError
+from server.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestTimeoutError
 from server.engine.sampling_params import SamplingParams
+from server.prefix import PrefixRef
 from tests.factories import make_engine, random_prefix, tiny_llama
 
 
@@ -62,6 +64,47 @@ def test_consumer_leaving_early_aborts_and_frees_blocks():
     assert engine.kv.prefixes.get(prefix.key).users == 0
 
 
+def test_a_request_past_its_timeout_is_aborted_streamed_or_not():
+    """One timer per request: past timeout_s the caller gets RequestTimeoutError and the
+    engine drops the request (blocks freed), whether it streamed tokens or waited for the end."""
+    engine = make_engine(tiny_llama(), num_blocks=64)
+    prefix = random_prefix(engine, 3, seed=2)
+    slow_step = engine.step
+
+    def step():  # a slow engine: a long request cannot finish in the timeout
+        import time
+        time.sleep(0.01)
+        return slow_step()
+
+    engine.step = step
+    params = SamplingParams(max_tokens=200, ignore_eos=True)  # 200 steps of 10 ms: 2 s
+
+    async def main():
+        aeng = AsyncEngine(engine)
+        await aeng.start()
+        got = []
+        for stream in (True, False):
+            tokens = 0
+            with pytest.raises(RequestTimeoutError, match="longer than 0.2 s"):
+                async for out in aeng.generate(f"r{stream}", [5, 6], params, prefix, stream=stream, timeout_s=0.2):
+                    tokens += len(out.new_token_ids)
+            got.append(tokens)
+        fast = [o async for o in aeng.generate("fast", [5, 6], SamplingParams(max_tokens=3, ignore_eos=True),
+                                                   prefix, timeout_s=0.2)]
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not engine.has_unfinished():
+                break
+        await aeng.shutdown()
+        return got, fast
+
+    (streamed, quiet), fast = asyncio.run(main())
+    assert 0 < streamed < 200 and quiet == 0  # tokens came before the timeout only when streamed
+    assert fast[-1].finished and sum(len(o.new_token_ids) for o in fast) == 3
+    assert not engine.requests
+    assert engine.kv.pool.num_free == 64 - engine.kv.prefixes.num_blocks
+
+
 def test_queue_full_and_bad_requests_raise_in_the_caller():
     engine = make_engine(tiny_llama(), num_blocks=64)
 
@@ -75,3 +118,98 @@ def test_queue_full_and_bad_requests_raise_in_the_caller():
 
     asyncio.run(main())
     assert not engine.has_unfinished()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved as a HF folder, for an engine process to load."""
+    from tests.training.conftest import make_byte_tokenizer, make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("engine-process") / "tiny"
+    make_tiny_llama().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _process_engine(model_dir, host_prefix_bytes: int = 1 << 30, max_waiting: int = 256) -> AsyncEngine:
+    from server.engine.config import EngineConfig
+    from server.engine.engine_process import EngineProcessConfig
+    from server.engine.model_loader import load_tokenizer
+
+    config = EngineProcessConfig(model=str(model_dir), dtype="float32", device="cpu", cache_dir=None,
+                                 engine=EngineConfig(block_size=4, num_blocks=256), host_prefix_bytes=host_prefix_bytes)
+    return AsyncEngine(process=config, tokenizer=load_tokenizer(model_dir), max_waiting=max_waiting)
+
+
+def test_an_engine_process_gives_the_tokens_of_the_engine_here(model_dir):
+    """The step loop in its own process: the same tokens as an in-process engine, streamed or
+    sent once when finished; prefixes the engine forgot are sent again without the caller
+    noticing; an early exit aborts; a bad request is refused in the caller."""
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.model_loader import load_model
+    from server.engine.config import EngineConfig
+
+    loaded = load_model(str(model_dir), "float32", "cpu")
+    here = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(block_size=4, num_blocks=256))
+    kvs = [torch.randn(here.spec.kv_shape(n), generator=torch.Generator().manual_seed(n)) for n in (3, 6, 9)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = [here.generate([[40 + i, 41]], params, [here.make_prefix(kvs[i % 3])])[0].output_token_ids
+            for i in range(6)]
+
+    async def main():
+        # a host budget that holds one prefix: the core forgets, and asks for, the others
+        aeng = _process_engine(model_dir, host_prefix_bytes=kvs[2].numel() * 4)
+        await aeng.start()
+        try:
+            prefixes = [aeng.make_prefix(kv, (PrefixRef("t", f"p{i}", "v"),)) for i, kv in enumerate(kvs)]
+            got = await asyncio.gather(*[_collect(aeng, f"r{i}", [40 + i, 41], params, prefixes[i % 3])
+                                         for i in range(6)])
+            extra = aeng.make_prefix(kvs[0] * 2, (PrefixRef("t", "extra", "v"),))
+            await _collect(aeng, "extra", [40, 41], params, extra)  # the core forgets the three, unused now
+            again = [await _collect(aeng, f"s{i}", [40 + i, 41], params, prefixes[i % 3]) for i in range(3)]
+            # the race the protocol covers: the core forgot a prefix this side still believes it
+            # holds (the notice was on its way): the core asks, this side sends the tensor again
+            forgotten = [p.key for p in prefixes if p.key not in aeng._core_has]
+            assert forgotten, "the small host budget should have made the core forget a prefix"
+            aeng._core_has.update(forgotten)
+            raced = await _collect(aeng, "race", [40, 41], params, prefixes[0])
+            quiet = [out async for out in aeng.generate("q", [40, 41], params, prefixes[0], stream=False)]
+            gen = aeng.generate("long", [5, 6], SamplingParams(max_tokens=200, ignore_eos=True), prefixes[1])
+            await gen.__anext__()
+            await gen.aclose()  # the client went away
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                await aeng.generate("bad", [9999], params).__anext__()
+            for _ in range(200):
+                await asyncio.sleep(0.02)
+                if aeng.stats().num_running == 0:
+                    break
+            return got, again + [raced], quiet, aeng.stats()
+        finally:
+            await aeng.shutdown(drain_timeout=5)
+
+    got, again, quiet, stats = asyncio.run(main())
+    assert [tokens for tokens, _ in got] == want
+    assert [tokens for tokens, _ in again] == want[:3] + [want[0]]
+    assert len(quiet) == 1 and quiet[0].finished and quiet[0].new_token_ids == want[0]
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.kv_blocks_free + stats.kv_blocks_used_by_prefixes == stats.kv_blocks_total
+
+
+def test_a_dead_engine_process_fails_its_requests_and_says_so(model_dir):
+    async def main():
+        aeng = _process_engine(model_dir)
+        await aeng.start()
+        gen = aeng.generate("r", [5, 6], SamplingParams(max_tokens=250, ignore_eos=True))
+        try:
+            await gen.__anext__()
+            aeng._channel._proc.kill()  # the engine process dies (OOM killer, a crash)
+            with pytest.raises(EngineDeadError):
+                async for _ in gen:
+                    pass
+            assert not aeng.is_alive and "engine process is gone" in aeng.error
+            with pytest.raises(EngineDeadError):
+                await aeng.generate("r2", [5], SamplingParams()).__anext__()
+        finally:
+            await aeng.shutdown(drain_timeout=0)
+
+    asyncio.run(main())

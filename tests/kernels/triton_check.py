@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from attention_cases import CASES, Case, make_batch
+from attention_cases import CASES, Case, head_major, make_batch
 from kernels import torch_attention
 from kernels.attention_metadata import AttentionMetadata
 
@@ -34,11 +34,12 @@ class Check:
     head_dim: int = 16
     # 16 makes the longer segments take several key tiles (the online-softmax rescaling).
     block_n: int = 16
+    head_major: bool = False  # the caches stored as the engine stores them
 
     @property
     def id(self) -> str:
         return (f"{self.case.name}-bs{self.block_size}-gqa{self.group}-{str(self.dtype).split('.')[1]}"
-                f"-hd{self.head_dim}")
+                f"-hd{self.head_dim}" + ("-head-major" if self.head_major else ""))
 
 
 CHECKS = [Check(case, block_size, group, dtype)
@@ -53,11 +54,14 @@ CHECKS += [
     Check(Case("two_query_tiles", (70, 1), (5, 3), (75, 9)), 16, 2, torch.float32),
     Check(Case("empty_batch", (), (), ()), 4, 1, torch.float32),
 ]
+CHECKS += [Check(case, 16, 2, dtype, head_major=True) for case in CASES for dtype in (torch.float32, torch.bfloat16)]
 
 
 def run_check(kernel: ModuleType, check: Check, device: str = "cpu", block_n: int | None = None) -> str | None:
     """None when kernel.prefix_attention matches the torch reference, else why not."""
     batch = make_batch(check.case, check.block_size, NUM_KV_HEADS, check.group, check.head_dim, check.dtype)
+    if check.head_major:
+        batch = head_major(batch)
     scale = check.head_dim ** -0.5
     expected = torch_attention.prefix_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale)
     m = batch.meta
