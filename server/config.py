@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     # --- admission and limits
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones get 429")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429")
+    max_choices: int = Field(64, ge=1, description="sequences one request may ask for: prompts x max(n, best_of)")
     request_timeout_s: float = Field(600.0, gt=0, description="a generation running longer is aborted (504)")
     max_body_bytes: int = Field(4 * MiB, gt=0, description="largest JSON request body")
     max_upload_bytes: int = Field(256 * MiB, gt=0, description="largest prefix upload body")
@@ -160,7 +161,7 @@ WORKER_FIELDS = {  # field -> the worker's older flag name, kept working
 CLIENT_FIELDS = {"url": None, "api_key": "--key", "client_timeout_s": "--timeout"}
 SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url", "cache_dir", "model", "dtype",
                                          "device", "kv_cache_bytes", "block_size", "max_num_seqs",
-                                         "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s",
+                                         "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s", "max_choices",
                                          "request_timeout_s", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
                                          "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
                                          "max_jobs_per_tenant", "max_train_examples", "max_train_example_tokens",

@@ -259,7 +259,8 @@ class Metrics:
                 self.ttft.observe(max(out.first_token_time - out.arrival_time, 0.0))
         if out.first_token_time is not None and out.num_output_tokens > 1:
             self.tpot.observe(max(now - out.first_token_time, 0.0) / (out.num_output_tokens - 1))
-        self.prompt_tokens.labels(tenant).inc(out.num_prompt_tokens)
+        if out.index == 0:  # the n samples of a request share its prompt
+            self.prompt_tokens.labels(tenant).inc(out.num_prompt_tokens)
         self.generation_tokens.labels(tenant).inc(out.num_output_tokens)
 
     def observe_prefix_load(self, seconds: float) -> None:

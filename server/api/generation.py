@@ -1,12 +1,14 @@
-"""One generation on behalf of an HTTP request: shared by /v1/generate and the OpenAI routes.
+"""Generation on behalf of an HTTP request: shared by /v1/generate and the OpenAI routes.
 
-    prepare(): tokenize, resolve (load) the prefixes, check sampling  -> GenerationJob
-    complete(): run to the end, aborting if the client disconnects    -> Completion
-    open_stream(): start, surface admission errors before any byte is sent, then yield deltas
+    prepare(): tokenize each prompt, resolve (load) the prefixes once, check sampling -> GenerationJobs
+    complete(): run every job to the end, aborting all if the client disconnects -> Completions
+    open_stream(): start every job, surface admission errors before any byte is sent, then
+                   yield (job index, output) as outputs come
 
-# NOTE: every engine iterator is closed explicitly (aclosing): an async generator left
-# un-iterated is only finalised by the garbage collector, and until then its request
-# would keep running and hold its KV blocks. Closing it early aborts the request.
+# NOTE: every engine iterator is closed explicitly (aclosing, or the task that iterates it
+# is cancelled): an async generator left un-iterated is only finalised by the garbage
+# collector, and until then its request would keep running and hold its KV blocks.
+# Closing it early aborts the request.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from server.api.context import ServerContext
 from server.api.errors import ApiError, ClientGone
 from server.api.schemas import Message, PrefixUsed, SamplingFields
 from server.engine.async_engine import RequestTimeoutError
-from server.engine.outputs import FinishReason, RequestOutput
+from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.request import RequestError
 from server.engine.sampling_params import SamplingParams
 from server.engine.tokenization import ChatMessage, encode_text, render_chat
@@ -40,15 +42,32 @@ class GenerationJob:
     prefix: Prefix | None
     prefix_used: list[PrefixUsed]  # the ids as the client wrote them, with the versions served
     tenant: str = ""  # the caller's tenant (metrics label)
+    response_id: str = ""  # the id the response carries (one for all prompts of a request)
+
+
+@dataclass
+class Sample:
+    """One of a job's n samples, run to the end."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with sampling.logprobs
+    cumulative_logprob: float | None = None
 
 
 @dataclass
 class Completion:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """A job run to the end: its samples (index order), and its prompt's logprobs if asked."""
+
+    samples: list[Sample]
+    prompt_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
 
 
 def prefix_names(prefix_id: str | list[str] | None, user_id: str | None) -> list[str]:
@@ -58,21 +77,32 @@ def prefix_names(prefix_id: str | list[str] | None, user_id: str | None) -> list
     return names
 
 
-async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str], prompt: str | list[int] | None,
-                  messages: list[Message] | None, fields: SamplingFields, max_tokens: int | None,
-                  id_prefix: str = "gen", parse_special_tokens: bool = False) -> GenerationJob:
-    prompt_ids = await encode(ctx, prompt, messages, parse_special_tokens)
+async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
+                  prompts: list[str | list[int]] | None = None, messages: list[Message] | None = None,
+                  fields: SamplingFields, max_tokens: int | None, id_prefix: str = "gen",
+                  parse_special_tokens: bool = False, n: int = 1, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None) -> list[GenerationJob]:
+    """One job per prompt (or one for `messages`), all on the same prefixes."""
+    inputs = [await encode(ctx, None, messages)] if messages is not None else \
+        [await encode(ctx, p, None, parse_special_tokens) for p in prompts]
     prefix = await ctx.resolver.resolve(caller.tenant, names)
     used = [PrefixUsed(id=n, version=r.version) for n, r in zip(names, prefix.refs, strict=True)] if prefix else []
-    if max_tokens is None:  # fill the context (OpenAI chat's default)
-        max_tokens = max(1, ctx.spec.max_model_len - len(prompt_ids) - (prefix.length if prefix else 0))
-    try:
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p,
-                                  top_k=fields.top_k, seed=fields.seed, stop=fields.stop_strings(),
-                                  ignore_eos=fields.ignore_eos)
-    except ValueError as e:
-        raise ApiError(400, str(e)) from e
-    return GenerationJob(f"{id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, prefix, used, caller.tenant)
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    jobs = []
+    for i, prompt_ids in enumerate(inputs):
+        tokens = max_tokens
+        if tokens is None:  # fill the context (OpenAI chat's default)
+            tokens = max(1, ctx.spec.max_model_len - len(prompt_ids) - (prefix.length if prefix else 0))
+        try:
+            sampling = SamplingParams(max_tokens=tokens, temperature=fields.temperature, top_p=fields.top_p,
+                                      top_k=fields.top_k, seed=fields.seed, stop=fields.stop_strings(),
+                                      ignore_eos=fields.ignore_eos, n=n, logprobs=logprobs,
+                                      prompt_logprobs=prompt_logprobs)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+        rid = request_id if len(inputs) == 1 else f"{request_id}-{i}"
+        jobs.append(GenerationJob(rid, prompt_ids, sampling, prefix, used, caller.tenant, request_id))
+    return jobs
 
 
 # Text longer than this is tokenized in a worker thread, so a large prompt never stalls the
@@ -101,28 +131,49 @@ async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: l
 
 # --- running
 
-async def complete(ctx: ServerContext, request: Request, job: GenerationJob) -> Completion:
-    """Run to the end. Raises ApiError (429, 400, 504, 503) or ClientGone."""
+async def complete(ctx: ServerContext, request: Request, jobs: list[GenerationJob]) -> list[Completion]:
+    """Run every job to the end (together). Raises ApiError (429, 400, 504, 503) or
+    ClientGone; either way every job is stopped."""
+    async def run_all() -> list[Completion]:
+        async with asyncio.TaskGroup() as group:  # one failing cancels (aborts) the others
+            tasks = [group.create_task(_collect(ctx, job)) for job in jobs]
+        return [t.result() for t in tasks]
+
     try:
-        return await until_disconnect(request, _collect(ctx, job))
-    except RequestTimeoutError as e:
-        raise _timeout(ctx) from e
+        return await until_disconnect(request, run_all())
+    except BaseExceptionGroup as group:
+        raise _reason(ctx, group) from None
 
 
-async def open_stream(ctx: ServerContext, request: Request, job: GenerationJob) -> AsyncIterator[RequestOutput]:
-    """Start the request and wait for its first output, so that 429/400 can still be a status
-    code; then return an iterator over all outputs (the first one included)."""
-    outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix,
-                                  timeout_s=ctx.settings.request_timeout_s)
+async def open_stream(ctx: ServerContext, request: Request,
+                      jobs: list[GenerationJob]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Start every job and wait for each one's first output, so that 429/400 can still be a
+    status code; then an iterator over (job index, output) of all of them, as they come."""
+    streams = [ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix,
+                                   timeout_s=ctx.settings.request_timeout_s) for job in jobs]
+
+    async def firsts() -> list[RequestOutput]:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_first(ctx, s)) for s in streams]
+        return [t.result() for t in tasks]
+
     try:
-        first = await until_disconnect(request, _first(ctx, outputs))
-    except RequestTimeoutError as e:
-        await outputs.aclose()
-        raise _timeout(ctx) from e
-    except BaseException:
-        await outputs.aclose()
+        first = await until_disconnect(request, firsts())
+    except BaseException as e:
+        for stream in streams:
+            await stream.aclose()
+        if isinstance(e, BaseExceptionGroup):
+            raise _reason(ctx, e) from None
         raise
-    return _rest(ctx, outputs, first, job.tenant)
+    return _merge([_rest(ctx, s, f, job.tenant) for s, f, job in zip(streams, first, jobs)])
+
+
+def _reason(ctx: ServerContext, group: BaseExceptionGroup) -> BaseException:
+    """The first error of jobs run together (the others were cancelled because of it)."""
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return _timeout(ctx) if isinstance(e, RequestTimeoutError) else e
 
 
 def _failed(out: RequestOutput) -> ApiError:
@@ -141,6 +192,7 @@ async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> R
 
 
 async def _rest(ctx: ServerContext, outputs, first: RequestOutput, tenant: str) -> AsyncIterator[RequestOutput]:
+    """Every output of one job (the first one included), until all its samples finished."""
     async with contextlib.aclosing(outputs):
         out = first
         while True:
@@ -149,8 +201,6 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, tenant: str) 
             if out.finished:
                 ctx.metrics.observe_finished(tenant, out)
             yield out
-            if out.finished:
-                return
             try:
                 out = await anext(outputs)
             except RequestTimeoutError as e:  # the engine's per-request timer: no timer per token
@@ -159,9 +209,46 @@ async def _rest(ctx: ServerContext, outputs, first: RequestOutput, tenant: str) 
                 return
 
 
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from all streams as they come; closing this closes them all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):
+            async for out in streams[0]:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
-    result = Completion(prompt_tokens=len(job.prompt_token_ids))
-    # not streamed: the engine sends this request's output once, when it finishes
+    samples = [Sample(index=i) for i in range(job.sampling.n)]
+    result = Completion(samples=samples, prompt_tokens=len(job.prompt_token_ids))
+    # not streamed: the engine sends each sample's output once, when it finishes
     outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix, stream=False,
                                   timeout_s=ctx.settings.request_timeout_s)
     async with contextlib.aclosing(outputs):
@@ -174,13 +261,15 @@ async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
             if out.finish_reason == FinishReason.ERROR:
                 raise _failed(out)
             first = False
-            result.text += out.new_text
-            result.token_ids.extend(out.new_token_ids)
+            s = samples[out.index]
+            s.text += out.new_text
+            s.token_ids.extend(out.new_token_ids)
+            s.logprobs.extend(out.logprobs or [])
+            s.cumulative_logprob = out.cumulative_logprob
+            result.prompt_logprobs = result.prompt_logprobs or out.prompt_logprobs
             if out.finished:
                 ctx.metrics.observe_finished(job.tenant, out)
-                result.finish_reason = finish_reason_name(out.finish_reason)
-                break
-    result.completion_tokens = len(result.token_ids)
+                s.finish_reason = finish_reason_name(out.finish_reason)
     return result
 
 

@@ -17,28 +17,33 @@ from server.engine.outputs import RequestOutput
 router = APIRouter(tags=["generation"])
 
 
-@router.post("/v1/generate", response_model=GenerateResponse,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}})
+_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}}
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses=_RESPONSES)
+@router.post("/generate", response_model=GenerateResponse, responses=_RESPONSES,
+             summary="Generate (the same route as /v1/generate)")
 async def generate(body: GenerateRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
-    job = await prepare(ctx, caller, names=prefix_names(body.prefix_id, body.user_id), prompt=body.prompt,
-                        messages=body.messages, fields=body, max_tokens=body.max_tokens,
-                        parse_special_tokens=body.parse_special_tokens)
+    (job,) = await prepare(ctx, caller, names=prefix_names(body.prefix_id, body.user_id),
+                           prompts=None if body.prompt is None else [body.prompt], messages=body.messages,
+                           fields=body, max_tokens=body.max_tokens, parse_special_tokens=body.parse_special_tokens)
     if body.stream:
-        outputs = await open_stream(ctx, request, job)
+        outputs = await open_stream(ctx, request, [job])
         return sse_response(_events(job, outputs))
-    result = await complete(ctx, request, job)
+    (result,) = await complete(ctx, request, [job])
+    (sample,) = result.samples
     return GenerateResponse(
-        id=job.request_id, text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason,
+        id=job.request_id, text=sample.text, token_ids=sample.token_ids, finish_reason=sample.finish_reason,
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
         prefix=job.prefix_used)
 
 
-async def _events(job: GenerationJob, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
+async def _events(job: GenerationJob, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict]:
     """One delta per engine output; the last one carries finish_reason, usage and prefix."""
     async with contextlib.aclosing(outputs):
-        async for out in outputs:
+        async for _, out in outputs:
             event = {"id": job.request_id, "text": out.new_text, "token_ids": out.new_token_ids,
                      "finish_reason": finish_reason_name(out.finish_reason) if out.finished else None}
             if out.finished:

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.engine.sampling_params import MAX_LOGPROBS, MAX_SAMPLES
+
 FinishReasonName = Literal["stop", "length"]
 
 
@@ -104,54 +106,56 @@ class OpenAIFields(SamplingFields):
 
     model: str = Field(description="a prefix id of the caller's tenant, 'shared/<id>', or the base model's name")
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default, not ours
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="choices per prompt; they share the prompt's KV blocks")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user tag: accepted, not used
     user_id: str | None = Field(None, description="extension: append the prefix 'user:<user_id>'")
 
-    @model_validator(mode="after")
-    def _supported(self) -> "OpenAIFields":
-        if self.n != 1:
-            raise ValueError(f"n={self.n} is not supported; send n=1 (or several requests)")
-        return self
-
 
 class CompletionRequest(OpenAIFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, token ids, or a list of either (one completion per prompt)")
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo scores the prompt only")
+    echo: bool = Field(False, description="prepend the prompt (and, with logprobs, its tokens' logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="each token's logprob and this many most likely tokens")
+    best_of: int | None = Field(None, ge=1, le=MAX_SAMPLES,
+                                description="sample this many, return the n with the highest logprob per token")
     parse_special_tokens: bool = Field(
         False, description="extension: read special tokens' spellings in the prompt as the tokens (default: as text)")
 
     @model_validator(mode="after")
-    def _single_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError(f"prompt holds {len(self.prompt)} prompts; send one per request")
-        if self.echo or self.logprobs is not None or self.best_of not in (None, 1):
-            raise ValueError("echo, logprobs and best_of are not supported")
+    def _consistent(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and (self.best_of or self.n) > self.n:
+            raise ValueError("best_of > n cannot be streamed: the best are known only at the end")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: set echo (with logprobs, to score the prompt)")
+        if isinstance(self.prompt, list) and len(self.prompt) == 0:
+            raise ValueError("prompt is an empty list")
         return self
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: text or token ids."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            return p[0]
-        return p
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
+    logprobs: bool = Field(False, description="each output token's logprob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the most likely tokens")
 
     @model_validator(mode="after")
-    def _no_logprobs(self) -> "ChatCompletionRequest":
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
 
@@ -160,6 +164,44 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # extensions: what the id serves (a prefix's length and version; the base model's context)
+    max_model_len: int | None = None
+    prefix_length: int | None = None
+    version: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text prompt, or chat messages through the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = Field(True, description="the tokenizer's BOS/EOS, as a prompt gets them")
+    add_generation_prompt: bool = Field(True, description="with messages: end with the assistant turn's opening")
+    parse_special_tokens: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):

@@ -251,7 +251,8 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                        prefix: Prefix | None = None, stream: bool = True,
                        timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's outputs: deltas as they come (stream) or only the finished one.
+        """The request's outputs: deltas as they come (stream) or only the finished one, for
+        each of its sampling.n samples (RequestOutput.index); it ends when all n finished.
         Past `timeout_s` the request is aborted and RequestTimeoutError raised (one timer per
         request, nothing per token)."""
         if self._error is not None:
@@ -272,6 +273,7 @@ class AsyncEngine:
         timer = None if timeout_s is None else asyncio.get_running_loop().call_later(
             timeout_s, sink.put_nowait, RequestTimeoutError(f"the request ran longer than {timeout_s:g} s"))
         finished = False
+        running = sampling.n  # samples not finished yet
         try:
             while True:
                 item = await sink.get()
@@ -280,7 +282,8 @@ class AsyncEngine:
                     finished = not isinstance(item, RequestTimeoutError)
                     raise item
                 yield item
-                if item.finished:
+                running -= item.finished
+                if not running:
                     finished = True
                     return
         finally:

@@ -97,7 +97,7 @@ class EngineCore:
         self._prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # host copies, LRU first
         self._prefix_of: dict[str, tuple] = {}  # request id -> its prefix key
         self._held = 0  # bytes of host copies
-        self._quiet: dict[str, RequestOutput] = {}  # non-streaming requests: output so far
+        self._quiet: dict[str, dict[int, RequestOutput]] = {}  # non-streaming requests: each sample so far
         self._batch = StepBatch()
         self.stopped = False
 
@@ -132,7 +132,7 @@ class EngineCore:
         if prefix is not None:
             self._prefix_of[cmd.request_id] = prefix.key
         if not cmd.stream:
-            self._quiet[cmd.request_id] = RequestOutput(cmd.request_id, [], "", False)
+            self._quiet[cmd.request_id] = {}
 
     def _prefix(self, payload: PrefixPayload) -> Prefix | None:
         """The host copy of a request's prefix: kept from an earlier request, or made from
@@ -183,20 +183,22 @@ class EngineCore:
         return batch
 
     def _emit(self, out: RequestOutput) -> None:
-        if out.finished:
+        done = out.request_id not in self.engine.requests  # every sample of it finished
+        if done:
             self._release(out.request_id)
-        quiet = self._quiet.get(out.request_id)
-        if quiet is None:
+        if out.request_id not in self._quiet:
             self._batch.outputs.append(out)
             return
-        # a non-streaming request: keep adding its deltas up, send it when it finishes
-        merged = replace(out, new_token_ids=quiet.new_token_ids + out.new_token_ids,
-                         new_text=quiet.new_text + out.new_text)
+        # a non-streaming request: keep adding each sample's deltas up, send each sample
+        # when it finishes
+        samples = self._quiet[out.request_id]
+        merged = _merge(samples.pop(out.index), out) if out.index in samples else out
         if out.finished:
-            del self._quiet[out.request_id]
             self._batch.outputs.append(merged)
         else:
-            self._quiet[out.request_id] = merged
+            samples[out.index] = merged
+        if done and not samples:  # the last sample's output is out
+            del self._quiet[out.request_id]
 
     def run(self, receive: Callable[[float | None], list[object]], send: Callable[[StepBatch], None],
             idle_wait_s: float = 0.5) -> None:
@@ -210,6 +212,14 @@ class EngineCore:
             batch = self.step()
             if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten:
                 send(batch)
+
+
+def _merge(before: RequestOutput, after: RequestOutput) -> RequestOutput:
+    """One output that says what `before` and then `after` said."""
+    logprobs = None if after.logprobs is None else (before.logprobs or []) + after.logprobs
+    return replace(after, new_token_ids=before.new_token_ids + after.new_token_ids,
+                   new_text=before.new_text + after.new_text, logprobs=logprobs,
+                   prompt_logprobs=before.prompt_logprobs or after.prompt_logprobs)
 
 
 def finished_as_error(request_id: str, error: str) -> RequestOutput:

@@ -23,10 +23,12 @@ from server.engine.request import Request
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int,
-                 write_prefix: Callable[[list[int], torch.Tensor], None]) -> None:
+                 write_prefix: Callable[[list[int], torch.Tensor], None],
+                 copy_block: Callable[[int, int], None] | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.prefixes = DevicePrefixes(self.pool, block_size, write_prefix)
+        self._copy_block = copy_block
 
     @property
     def num_blocks(self) -> int:
@@ -62,6 +64,26 @@ class KVCacheManager:
         blocks = self.pool.allocate(need)
         assert blocks is not None
         req.own_blocks += blocks
+        return True
+
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> bool:
+        """Give `child` the parent's first `num_tokens` own slots (computed): the full blocks
+        shared (never written again: both write past them), the partial last block copied.
+        Also counts child as a user of the prefix. False, with nothing taken, if the pool
+        has no block for the copy."""
+        if not self.acquire_prefix(child):
+            return False
+        full, partial = divmod(num_tokens, self.block_size)
+        copy: list[int] = []
+        if partial:
+            if not self.prefixes.evict_until_free(1):
+                self.free(child)
+                return False
+            copy = self.pool.allocate(1)
+            self._copy_block(parent.own_blocks[full], copy[0])
+        shared = parent.own_blocks[:full]
+        self.pool.share(shared)
+        child.own_blocks = shared + copy
         return True
 
     def free(self, req: Request) -> None:

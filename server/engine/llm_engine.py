@@ -18,7 +18,8 @@ import torch
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer, emittable, find_stop
 from server.engine.kv_cache_manager import KVCacheManager
-from server.engine.model_runner import ModelRunner
+from server.engine.logprobs import token_logprobs
+from server.engine.model_runner import ModelRunner, StepLogits
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
 from server.engine.request import EngineLimits, Request, RequestError, RequestStatus, check_request
 from server.engine.sampler import sample
@@ -39,11 +40,11 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.spec = ModelSpec.from_hf(model, config.max_model_len)
-        self.kv = KVCacheManager(num_blocks, config.block_size, self.runner.write_prefix)
+        self.kv = KVCacheManager(num_blocks, config.block_size, self.runner.write_prefix, self.runner.copy_block)
         self.scheduler = Scheduler(config, self.kv)
         self.detokenizer = Detokenizer(tokenizer)
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, list[Request]] = {}  # request id -> its samples (n of them)
         self._stats = EngineStats()
         self.limits = EngineLimits(spec=self.spec, vocab_size=int(model.config.vocab_size),
                                    num_blocks=num_blocks, block_size=config.block_size,
@@ -61,22 +62,27 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                     prefix: Prefix | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request. With sampling.n > 1 its n samples share one request id; sample 0
+        computes the prompt and the others fork from it (sharing its blocks) when it is done."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, sampling, prefix)
-        req = Request(request_id, [int(t) for t in prompt_token_ids], sampling, prefix)
-        if arrival_time is not None:
-            req.arrival_time = arrival_time
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+        prompt = [int(t) for t in prompt_token_ids]
+        samples = [Request(request_id, prompt, sampling, prefix, index=i) for i in range(sampling.n)]
+        for req in samples:
+            if arrival_time is not None:
+                req.arrival_time = arrival_time
+        samples[0].forks = samples[1:]
+        self.requests[request_id] = samples
+        self.scheduler.add(samples[0])
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Free everything the request holds, at once. Unknown or finished ids are ignored."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        self.scheduler.finish(req, FinishReason.ABORT)
-        return self._output(req)
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Free everything the request's samples hold, at once; their final outputs. Unknown
+        or finished ids are ignored ([])."""
+        samples = self.requests.pop(request_id, [])
+        for req in samples:
+            self._finish(req, FinishReason.ABORT)
+        return [self._output(req) for req in samples]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -91,43 +97,97 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         try:
-            logits, sampled = self.runner.run(sched.scheduled, sched.num_new_tokens)
+            step = self.runner.run(sched.scheduled, sched.num_new_tokens)
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
             log.exception("the forward of a step with %d requests failed", len(sched.scheduled))
-            return [self._fail(req, f"the model step failed ({type(e).__name__}: {e})") for req in sched.scheduled]
+            return [out for req in sched.scheduled for out in self._fail(req, f"the model step failed ({type(e).__name__}: {e})")]
+        outputs = self._score_prompts(step)
+        rows, sampled = self._fork(step, sched)
+        logits = step.sampled if len(rows) == len(step.requests) else step.sampled[rows]
         tokens = self._sample(logits, sampled)
+        self._logprobs(logits, sampled, tokens)
         self._count(sched, len(sampled))
-        ok = [(req, t) for req, t in zip(sampled, tokens) if not isinstance(t, Exception)]
+        ok = [(req, t) for req, t in zip(sampled, tokens) if not isinstance(t, Exception) and not req.is_finished]
         self.scheduler.postprocess(sched, [r for r, _ in ok], [t for _, t in ok], self.eos_token_ids,
                                    time.monotonic())
-        outputs = [self._fail(req, f"{type(t).__name__}: {t}") for req, t in zip(sampled, tokens)
-                   if isinstance(t, Exception)]
+        for req, t in zip(sampled, tokens):
+            if isinstance(t, Exception) and not req.is_finished:
+                outputs += self._fail(req, f"{type(t).__name__}: {t}")
         for req, _ in ok:
             try:
                 self._update_text(req)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 log.exception("request %s failed in the step", req.request_id)
-                outputs.append(self._fail(req, f"{type(e).__name__}: {e}"))
+                outputs += self._fail(req, f"{type(e).__name__}: {e}")
                 continue
             if req.is_finished:
-                self.requests.pop(req.request_id, None)
+                self._forget_if_done(req.request_id)
             out = self._output(req)
-            if out.new_token_ids or out.finished:
+            if out.new_token_ids or out.finished or out.prompt_logprobs:
                 outputs.append(out)
         return outputs
+
+    def _score_prompts(self, step: StepLogits) -> list[RequestOutput]:
+        """Prompt logprobs of the rows this step computed (requests with prompt_logprobs)."""
+        failed: list[RequestOutput] = []
+        start = 0
+        for rows in step.prompt_rows:
+            req = rows.request
+            targets = req.prompt_token_ids[rows.first:rows.first + rows.count]
+            try:
+                req.prompt_logprobs += token_logprobs(step.prompt[start:start + rows.count], targets,
+                                                      [req.sampling.prompt_logprobs] * rows.count)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                log.exception("scoring the prompt of request %s failed", req.request_id)
+                failed += self._fail(req, f"{type(e).__name__}: {e}")
+            start += rows.count
+        return failed
+
+    def _fork(self, step: StepLogits, sched: SchedulerOutput) -> tuple[list[int], list[Request]]:
+        """Sample 0 of an n-sample request has computed the prompt: fork the other samples
+        from it now. Each shares its blocks and samples its first token from the same
+        logits row. Returns the logits row of every request to sample, and the requests."""
+        rows, sampled = list(range(len(step.requests))), list(step.requests)
+        q_of = {id(req): q for req, q in zip(sched.scheduled, sched.num_new_tokens)}
+        for row, parent in enumerate(step.requests):
+            if not parent.forks or parent.is_finished:
+                continue
+            computed = parent.num_computed_tokens + q_of[id(parent)]
+            for child in parent.forks:
+                if self.kv.fork(parent, child, computed):
+                    child.num_computed_tokens = computed
+                    self.scheduler.add_running(child)
+                    rows.append(row)
+                    sampled.append(child)
+                else:  # no block free for its copy: it computes the prompt itself, later
+                    self.scheduler.add(child)
+            parent.forks = []
+        return rows, sampled
+
+    def _logprobs(self, logits: torch.Tensor, sampled: list[Request], tokens: list[int | Exception]) -> None:
+        """The sampled tokens' logprobs, for the requests that asked (float32, raw logits)."""
+        rows = [i for i, (req, t) in enumerate(zip(sampled, tokens))
+                if req.sampling.logprobs is not None and req.sampling.max_tokens and not isinstance(t, Exception)]
+        if not rows:
+            return
+        found = token_logprobs(logits[rows], [tokens[i] for i in rows], [sampled[i].sampling.logprobs for i in rows])
+        for i, lp in zip(rows, found):
+            sampled[i].logprobs.append(lp)
+            sampled[i].cumulative_logprob += lp.logprob
 
     def _sample(self, logits: torch.Tensor, sampled: list[Request]) -> list[int | Exception]:
         """The next token of each sampled request; where sampling one row raises, that row's
         exception instead (the batch is retried row by row to find it)."""
         params = [r.sampling for r in sampled]
         index = [len(r.output_token_ids) for r in sampled]
+        which = [r.index for r in sampled]
         try:
-            return sample(logits, params, index)
+            return sample(logits, params, index, which)
         except Exception:  # noqa: BLE001
             out: list[int | Exception] = []
             for row in range(len(sampled)):
                 try:
-                    out.extend(sample(logits[row:row + 1], params[row:row + 1], index[row:row + 1]))
+                    out.extend(sample(logits[row:row + 1], params[row:row + 1], index[row:row + 1], which[row:row + 1]))
                 except Exception as e:  # noqa: BLE001
                     out.append(e)
             return out
@@ -144,14 +204,30 @@ class LLMEngine:
             else:
                 self.scheduler.finish(req, FinishReason.STOP)
 
-    def _fail(self, req: Request, message: str) -> RequestOutput:
-        req.error = message
+    def _fail(self, req: Request, message: str) -> list[RequestOutput]:
+        """req fails alone (with the samples still waiting to fork from it)."""
+        samples = [req, *req.forks]
+        for r in samples:
+            r.error = message
         if req.is_finished:
             req.finish_reason = FinishReason.ERROR
-        else:
-            self.scheduler.finish(req, FinishReason.ERROR)
-        self.requests.pop(req.request_id, None)
-        return self._output(req)
+        self._finish(req, FinishReason.ERROR)
+        self._forget_if_done(req.request_id)
+        return [self._output(r) for r in samples]
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        """Finish req, and the samples still waiting to fork from it (never scheduled: they
+        hold nothing)."""
+        for child in req.forks:
+            child.status, child.finish_reason = RequestStatus.FINISHED, reason
+        req.forks = []
+        if not req.is_finished:
+            self.scheduler.finish(req, reason)
+
+    def _forget_if_done(self, request_id: str) -> None:
+        samples = self.requests.get(request_id)
+        if samples is not None and all(r.is_finished for r in samples):
+            del self.requests[request_id]
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status == RequestStatus.FINISHED
@@ -160,24 +236,34 @@ class LLMEngine:
         text = req.output_text[req.num_text_emitted:upto] if upto > req.num_text_emitted else ""
         req.num_tokens_emitted = len(req.output_token_ids)
         req.num_text_emitted = max(req.num_text_emitted, upto)
-        return RequestOutput(request_id=req.request_id, new_token_ids=new_ids, new_text=text,
-                             finished=finished, finish_reason=req.finish_reason,
-                             num_prompt_tokens=len(req.prompt_token_ids),
-                             num_output_tokens=len(req.output_token_ids),
-                             first_token_time=req.first_token_time, arrival_time=req.arrival_time,
-                             error=req.error)
+        out = RequestOutput(request_id=req.request_id, new_token_ids=new_ids, new_text=text,
+                            finished=finished, finish_reason=req.finish_reason,
+                            num_prompt_tokens=len(req.prompt_token_ids),
+                            num_output_tokens=len(req.output_token_ids),
+                            first_token_time=req.first_token_time, arrival_time=req.arrival_time,
+                            error=req.error, index=req.index)
+        if req.sampling.logprobs is not None:
+            out.logprobs = req.logprobs[req.num_logprobs_emitted:]
+            out.cumulative_logprob = req.cumulative_logprob
+            req.num_logprobs_emitted = len(req.logprobs)
+        scored = len(req.prompt_logprobs) == len(req.prompt_token_ids)
+        if req.sampling.prompt_logprobs is not None and req.index == 0 and scored and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = list(req.prompt_logprobs)
+            req.prompt_logprobs_sent = True
+        return out
 
     # ---- convenience and stats --------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
                  prefixes: list[Prefix | None] | None = None) -> list[Request]:
-        """Run prompts to completion; the finished Requests come back in input order."""
+        """Run prompts to completion; the finished Requests come back in input order (a
+        prompt with n samples gives its n, in sample order)."""
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         prefixes = prefixes or [None] * len(prompts)
         ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
         for rid, prompt, p, pre in zip(ids, prompts, params, prefixes):
             self.add_request(rid, prompt, p, pre)
-        reqs = [self.requests[rid] for rid in ids]
+        reqs = [req for rid in ids for req in self.requests[rid]]
         while any(not r.is_finished for r in reqs):
             self.step()
         return reqs

@@ -12,7 +12,7 @@ Kernels take it by its strides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,8 +26,28 @@ class ModelInput:
     input_ids: torch.Tensor  # [T] the step's new tokens, requests packed back to back
     positions: torch.Tensor  # [T] P_b + own position (prefix of length P_b comes first)
     attn: AttentionMetadata
-    logits_indices: torch.Tensor  # [N] last row of each request that samples this step
+    # [N + M]: the last row of each request that samples this step (N), then the rows whose
+    # logits score prompt tokens (M, requests with prompt_logprobs)
+    logits_indices: torch.Tensor
     sample_rows: list[int]  # [N] index into the scheduled list of each sampled request
+    prompt_rows: list[PromptRows] = field(default_factory=list)
+
+
+@dataclass
+class PromptRows:
+    """`count` logits rows that score prompt tokens first..first+count-1 of `request`."""
+
+    request: Request
+    first: int
+    count: int
+
+
+@dataclass
+class StepLogits:
+    sampled: torch.Tensor  # [N, V] in the model's dtype
+    requests: list[Request]  # [N] the requests they sample for
+    prompt: torch.Tensor  # [M, V] rows scoring prompt tokens, in prompt_rows order
+    prompt_rows: list[PromptRows]
 
 
 class ModelRunner:
@@ -53,20 +73,35 @@ class ModelRunner:
         block = torch.tensor(blocks, dtype=torch.long, device=self.device)[s // self.block_size]
         self.kv_cache[:, :, block, s % self.block_size] = kv.permute(0, 1, 3, 2, 4).to(self.device, self.dtype)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s slots, every layer, keys and values, into block `dst`."""
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
     def prepare(self, scheduled: list[Request], num_new_tokens: list[int]) -> ModelInput:
         ids: list[int] = []
         positions: list[int] = []
         logits_indices: list[int] = []
         sample_rows: list[int] = []
         seq_lens: list[int] = []
+        prompt_indices: list[int] = []
+        prompt_rows: list[PromptRows] = []
         for row, (req, q) in enumerate(zip(scheduled, num_new_tokens)):
             start = req.num_computed_tokens
+            offset = len(ids)
             ids += req.all_token_ids[start:start + q]
             positions += range(req.prefix_len + start, req.prefix_len + start + q)
             seq_lens.append(start + q)
             if start + q == req.num_tokens:  # this step reaches the end: sample the next token
                 logits_indices.append(len(ids) - 1)
                 sample_rows.append(row)
+            if req.sampling.prompt_logprobs is not None and req.index == 0:  # sample 0 reports them
+                # the row of token t scores prompt token t + 1; skip those scored already
+                # (a preempted request recomputes its prompt)
+                begin = max(start, len(req.prompt_logprobs) - 1)
+                end = min(start + q, len(req.prompt_token_ids) - 1)
+                if end > begin:
+                    prompt_indices += range(offset + begin - start, offset + end - start)
+                    prompt_rows.append(PromptRows(req, begin + 1, end - begin))
         attn = AttentionMetadata.build(
             q_lens=num_new_tokens,
             prefix_lens=[r.prefix_len for r in scheduled],
@@ -80,14 +115,17 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
             attn=attn,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+            logits_indices=torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=self.device),
             sample_rows=sample_rows,
+            prompt_rows=prompt_rows,
         )
 
-    def run(self, scheduled: list[Request], num_new_tokens: list[int]) -> tuple[torch.Tensor, list[Request]]:
-        """One step: logits [N, V] and the N requests they sample for."""
+    def run(self, scheduled: list[Request], num_new_tokens: list[int]) -> StepLogits:
+        """One step: the logits of the sampled rows and of the prompt rows to score."""
         inp = self.prepare(scheduled, num_new_tokens)
-        return self.execute(inp), [scheduled[row] for row in inp.sample_rows]
+        logits = self.execute(inp)
+        n = len(inp.sample_rows)
+        return StepLogits(logits[:n], [scheduled[row] for row in inp.sample_rows], logits[n:], inp.prompt_rows)
 
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:

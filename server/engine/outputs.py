@@ -13,18 +13,35 @@ class FinishReason(str, Enum):
     ERROR = "error"  # this request failed inside the step; the others went on (see `error`)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (float32 log_softmax of the raw logits:
+    before temperature, top-k or top-p), with the `top` most likely tokens at that position
+    (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]  # tokens produced since the last output
     new_text: str  # text produced since the last output (stop strings cut off)
-    finished: bool
+    finished: bool  # this sample is finished (a request with n samples ends when all n are)
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far
     first_token_time: float | None = None  # time.monotonic() of the first output token
     arrival_time: float = 0.0
     error: str | None = None  # why the request failed (finish_reason ERROR)
+    index: int = 0  # which of the request's n samples
+    logprobs: list[TokenLogprob] | None = None  # of new_token_ids, when sampling.logprobs is set
+    # Of the prompt's tokens when sampling.prompt_logprobs is set: None for the first token
+    # (nothing predicts it), then one per token. Sent once, in sample 0's first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float | None = None  # sum over all output tokens so far (with logprobs)
 
 
 @dataclass

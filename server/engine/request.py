@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from server.engine.block_pool import blocks_for
-from server.engine.outputs import FinishReason
+from server.engine.outputs import FinishReason, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.prefix import ModelSpec, Prefix, PrefixError
 
@@ -45,9 +45,10 @@ def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: S
                           "this engine's make_prefix")
     p = prefix.length if prefix is not None else 0
     n, limit = len(prompt_token_ids), spec.max_model_len
-    if p + n >= limit:
+    room = 1 if sampling.max_tokens else 0  # scoring only (max_tokens 0) may fill the context
+    if p + n + room > limit:
         raise RequestError(f"prompt of {n} tokens after a prefix of {p} does not fit the context of "
-                           f"{limit} tokens (at most {limit - p - 1} prompt tokens)")
+                           f"{limit} tokens (at most {limit - p - room} prompt tokens)")
     if p + n + sampling.max_tokens > limit:
         raise RequestError(f"prefix {p} + prompt {n} + max_tokens {sampling.max_tokens} = "
                            f"{p + n + sampling.max_tokens} exceeds the context of {limit} tokens; "
@@ -95,6 +96,15 @@ class Request:
     detok_stream: object | None = None  # the fast tokenizer's DecodeStream of this request
     first_token_time: float | None = None
     num_preemptions: int = 0
+    index: int = 0  # which of the n samples of request_id
+    # n > 1: the other samples, forked from this one when its prompt is computed (they then
+    # share its blocks); empty once forked
+    forks: list[Request] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of output_token_ids (sampling.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # token 0 has none
+    cumulative_logprob: float = 0.0
+    num_logprobs_emitted: int = 0
+    prompt_logprobs_sent: bool = False
 
     @property
     def prefix_len(self) -> int:

@@ -5,9 +5,10 @@
                   token = argmax(scores + Gumbel noise)   (a draw from softmax(scores))
 
 The sampled rows are done together (one masked argmax for all of them). A seeded request
-draws its n-th token's noise from a generator seeded by (seed, n), so the same seed gives
-the same tokens whatever else shares the batch, and a request that was preempted and
-recomputed draws exactly what it would have drawn.
+draws its n-th token's noise from a generator seeded by (seed, n, sample), so the same seed
+gives the same tokens whatever else shares the batch, a request that was preempted and
+recomputed draws exactly what it would have drawn, and the n samples of one request draw
+apart.
 """
 
 from __future__ import annotations
@@ -18,28 +19,35 @@ from kernels import layer_ops
 from server.engine.sampling_params import SamplingParams
 
 _SEED_STRIDE = 1_000_003
+_SAMPLE_STRIDE = 0x9E3779B97F4A7C15  # the golden-ratio constant: samples' seeds far apart
 _TINY = 1e-20  # keeps log(-log(u)) finite at u = 0
 
 
-def token_seed(seed: int, index: int) -> int:
-    """The generator seed of output token `index` of a request seeded with `seed`: stays in
-    [0, 2^63) for every seed SamplingParams accepts (a plain product would overflow)."""
-    return (seed * _SEED_STRIDE + index) % (2**63)
+def token_seed(seed: int, index: int, sample: int = 0) -> int:
+    """The generator seed of output token `index` of sample `sample` of a request seeded
+    with `seed`: stays in [0, 2^63) for every seed SamplingParams accepts (a plain product
+    would overflow)."""
+    return (seed * _SEED_STRIDE + index + sample * _SAMPLE_STRIDE) % (2**63)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> list[int]:
-    """logits: [N, V] (any float dtype); output_index[i]: how many tokens request i has produced."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
+           sample_index: list[int] | None = None) -> list[int]:
+    """logits: [N, V] (any float dtype); output_index[i]: how many tokens request i has
+    produced; sample_index[i]: which of its request's n samples row i is (default 0)."""
     if logits.shape[0] == 0:
         return []
     tokens = layer_ops(logits.device).argmax_rows(logits.contiguous())  # [N]
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        chosen = _sample_rows(logits[rows].float(), [params[i] for i in rows], [output_index[i] for i in rows])
+        samples = sample_index or [0] * len(params)
+        chosen = _sample_rows(logits[rows].float(), [params[i] for i in rows], [output_index[i] for i in rows],
+                              [samples[i] for i in rows])
         tokens[rows] = chosen
     return tokens.tolist()
 
 
-def _sample_rows(scores: torch.Tensor, params: list[SamplingParams], index: list[int]) -> torch.Tensor:
+def _sample_rows(scores: torch.Tensor, params: list[SamplingParams], index: list[int],
+                 samples: list[int]) -> torch.Tensor:
     """scores: [S, V] float32 logits of the rows that sample -> [S] tokens."""
     s, vocab = scores.shape
     scores = scores / torch.tensor([p.temperature for p in params], device=scores.device)[:, None]
@@ -57,10 +65,10 @@ def _sample_rows(scores: torch.Tensor, params: list[SamplingParams], index: list
         drop[:, 0] = False
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
     u = torch.empty_like(scores)
-    for row, (p, i) in enumerate(zip(params, index)):
+    for row, (p, i, j) in enumerate(zip(params, index, samples)):
         gen = torch.Generator(device=scores.device)
         if p.seed is not None:
-            gen.manual_seed(token_seed(p.seed, i))
+            gen.manual_seed(token_seed(p.seed, i, j))
         else:
             gen.seed()
         u[row].uniform_(generator=gen)

@@ -16,6 +16,8 @@ MIN_TEMPERATURE = 1e-3  # below this (and above 0) logits / temperature can over
 MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # top tokens reported per position
+MAX_SAMPLES = 64  # n
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,23 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt, same prefix -> same tokens
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (not in the output)
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    n: int = 1  # samples of this prompt; they share the prefix's and the prompt's KV blocks
+    logprobs: int | None = None  # report each output token's logprob and this many top tokens
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens 0 only scores the prompt: it needs prompt_logprobs")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise ValueError(f"n must be an integer from 1 to {MAX_SAMPLES}, got {self.n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {value!r}")
         t = self.temperature
         if not _is_real(t) or not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
             raise ValueError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "

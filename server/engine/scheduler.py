@@ -47,6 +47,11 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """A request that holds its blocks already (a sample forked from a running one)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -74,6 +79,9 @@ class Scheduler:
         for req, q in zip(out.scheduled, out.num_new_tokens):
             req.num_computed_tokens += q
         for req, token in zip(sampled, tokens):
+            if req.sampling.max_tokens == 0:  # scoring the prompt only: done once it is computed
+                self.finish(req, FinishReason.LENGTH)
+                continue
             req.output_token_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now

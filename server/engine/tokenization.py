@@ -30,9 +30,10 @@ class ChatMessage:
     content: str
 
 
-def encode_text(tokenizer, text: str, parse_special_tokens: bool = False) -> list[int]:
+def encode_text(tokenizer, text: str, parse_special_tokens: bool = False, add_special_tokens: bool = True) -> list[int]:
     """A prompt's token ids, with the tokenizer's own BOS/EOS handling (as training saw it)."""
-    return list(tokenizer(text, add_special_tokens=True, split_special_tokens=not parse_special_tokens)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens,
+                          split_special_tokens=not parse_special_tokens)["input_ids"])
 
 
 def render_chat(tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:

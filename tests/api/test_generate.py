@@ -128,7 +128,7 @@ def test_openai_client_completions_and_models(stack, tenant_key, uploaded, adapt
     with pytest.raises(openai.NotFoundError, match="not found"):
         client.completions.create(model="no-such-prefix", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="p0", prompt="hi", max_tokens=2, n=2)
+        client.completions.create(model="p0", prompt="hi", max_tokens=2, n=65)
 
 
 def test_prefix_list_and_user_prefix_compose_in_order(stack, tenant_key, uploaded, adapters, tokenizer):

@@ -74,8 +74,12 @@ def test_request_larger_than_the_whole_pool():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens must be an integer of at least 1, got 0"),
-    ({"max_tokens": -5}, "max_tokens must be an integer of at least 1, got -5"),
+    ({"max_tokens": 0}, "max_tokens 0 only scores the prompt: it needs prompt_logprobs"),
+    ({"max_tokens": -5}, "max_tokens must be a non-negative integer, got -5"),
+    ({"n": 0}, "n must be an integer from 1 to 64, got 0"),
+    ({"n": 65}, "n must be an integer from 1 to 64, got 65"),
+    ({"logprobs": 21}, "logprobs must be an integer from 0 to 20, got 21"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs must be an integer from 0 to 20, got -1"),
     ({"temperature": -1.0}, r"temperature must be 0 \(greedy\) or between 0.001 and 100, got -1.0"),
     ({"temperature": 1e-45}, "temperature must be 0 .greedy. or between 0.001"),
     ({"temperature": float("nan")}, "temperature must be 0"),

@@ -72,10 +72,10 @@ def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
     want = [r.output_token_ids for r in _run_batch(engine, [1, 2, 3])]
     real_sample = llm_engine.sample
 
-    def sample_that_breaks_on_seed_666(logits, params, index):
+    def sample_that_breaks_on_seed_666(logits, params, index, samples):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("sampler bug")
-        return real_sample(logits, params, index)
+        return real_sample(logits, params, index, samples)
 
     monkeypatch.setattr(llm_engine, "sample", sample_that_breaks_on_seed_666)
     got = _run_batch(engine, [1, 666, 3])
