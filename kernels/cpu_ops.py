@@ -13,6 +13,7 @@ callers use the pure-torch path.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -58,8 +59,14 @@ def ops():
         name = f"prefix_serve_cpu_{digest.hexdigest()[:12]}"
         folder = _build_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
-        return load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
-                    extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        # NOTE: torch guards a build with a plain "lock" file that a killed build leaves behind,
+        # and every later load then waits on it forever. Builds here are serialised by flock
+        # instead (released when the process dies), so under it any "lock" file is stale.
+        with open(folder / "build.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+            return load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+                        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja: the torch path still works
         log.warning("CPU kernels could not be built (%s); using the pure-torch path", e)
         return None

@@ -26,6 +26,9 @@ class PrefixRecord:
     description: str
     model_fingerprint: str  # the base model the prefix was made for
     shared: bool = False  # the admin tenant's prefix, usable by every tenant as `shared/<id>`
+    # "tuned": learned vectors (an upload, a personalization job); "prompt": the keys and
+    # values the model computed for a text (keys rotated at positions 0..P-1)
+    kind: str = "tuned"
 
     @property
     def ref(self) -> PrefixRef:

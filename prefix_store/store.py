@@ -30,6 +30,7 @@ from prefix_store.subscription import Subscription
 from prefix_store.tenants import TenantDirectory
 
 MAX_DESCRIPTION_CHARS = 4096
+PREFIX_KINDS = ("tuned", "prompt")  # PrefixRecord.kind
 # The tenant's incarnation key holds one of these while (and after) the tenant is deleted.
 DELETING, DELETED = b"deleting", b"deleted"
 
@@ -55,8 +56,8 @@ class PrefixStore:
     # ---- prefixes -------------------------------------------------------------------------
 
     def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
-            description: str = "", incarnation: str | None = None, shared: bool = False
-            ) -> tuple[PrefixRecord, bool]:
+            description: str = "", incarnation: str | None = None, shared: bool = False,
+            kind: str = "tuned") -> tuple[PrefixRecord, bool]:
         """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
@@ -69,6 +70,8 @@ class PrefixStore:
             raise ValueError("model_fingerprint must be a non-empty string")
         if not isinstance(description, str):
             raise ValueError(f"description must be a string, got {type(description).__name__}")
+        if kind not in PREFIX_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(PREFIX_KINDS)}, got {kind!r}")
         if len(description) > MAX_DESCRIPTION_CHARS:
             raise ValueError(f"description has {len(description)} characters; the limit is "
                              f"{MAX_DESCRIPTION_CHARS}")
@@ -79,7 +82,7 @@ class PrefixStore:
             num_layers=int(layers), num_kv_heads=int(heads), head_dim=int(head_dim),
             dtype=str(kv.dtype).removeprefix("torch."), bytes=kv.numel() * kv.element_size(),
             created_at=time.time(), description=description, model_fingerprint=model_fingerprint,
-            shared=bool(shared))
+            shared=bool(shared), kind=kind)
         index = self.keys.prefixes(tenant)
         marker = self.keys.incarnation(tenant)
         event = PrefixEvent("put", tenant, prefix_id, version)

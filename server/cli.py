@@ -14,6 +14,7 @@ COMMANDS = {
     "serve": "run the HTTP server (starts a local redis-server unless --redis-url is given)",
     "generate": "one-off generation with the engine, no server",
     "upload": "upload a prefix to a running server",
+    "prompt-prefix": "have a running server compute a prefix from a text (a system prompt)",
     "prefixes": "list or delete prefixes on a running server",
     "worker": "run personalization training jobs from the Redis queue",
     "train": "train a prefix offline from a jsonl or csv file",
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _module(name: str):
-    return importlib.import_module(f"server.commands.{name}")
+    return importlib.import_module(f"server.commands.{name.replace('-', '_')}")
 
 
 if __name__ == "__main__":

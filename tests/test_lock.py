@@ -30,7 +30,7 @@ def project_requirements(*extras: str) -> list[Requirement]:
 def test_every_requirement_is_pinned_within_its_range_and_hashed():
     lock = REPO / "requirements.lock"
     pinned = pins(lock)
-    for req in project_requirements("test", "train", "eval"):
+    for req in project_requirements("test", "train", "eval", "bench"):
         version = pinned.get(canonicalize_name(req.name))
         assert version is not None, f"{req.name} is not in requirements.lock: run scripts/lock.sh"
         assert req.specifier.contains(version, prereleases=True), \

@@ -20,6 +20,8 @@ from prefix_store import StoreIntegrityError, StoreUnavailableError, TenantDelet
 from prefix_store.job import TooManyJobsError
 from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable
 from server.engine.async_engine import EngineDeadError, QueueFullError
+from server.engine.llm_engine import KVPoolBusy
+from server.engine.request import RequestError
 from server.engine.tokenization import TemplateError
 from server.prefix import InvalidIdError, ModelMismatchError, PrefixError, shorten
 
@@ -72,6 +74,10 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
         return ApiError(503, str(e), "service_unavailable", _RETRY_SOON)
     if isinstance(e, EngineDeadError):
         return ApiError(503, str(e), "service_unavailable")
+    if isinstance(e, KVPoolBusy):
+        return ApiError(503, str(e), "service_unavailable", _RETRY_SOON)
+    if isinstance(e, RequestError):
+        return ApiError(400, str(e))
     if isinstance(e, QueueFullError):
         return ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
                         {"Retry-After": str(retry_after_s)})
@@ -92,7 +98,8 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
     return None
 
 
-_MAPPED = (ApiError, StoreUnavailableError, PrefixUnavailable, EngineDeadError, QueueFullError, TooManyJobsError,
+_MAPPED = (ApiError, StoreUnavailableError, PrefixUnavailable, EngineDeadError, KVPoolBusy, RequestError,
+           QueueFullError, TooManyJobsError,
            PrefixNotFound, TenantDeletedError, InvalidIdError, TemplateError, TenantExistsError, PrefixError,
            StoreIntegrityError)
 

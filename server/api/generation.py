@@ -112,7 +112,7 @@ INLINE_TOKENIZE_CHARS = 4096
 
 
 async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: list[Message] | None,
-                 parse_special_tokens: bool = False) -> list[int]:
+                 parse_special_tokens: bool = False, add_generation_prompt: bool = True) -> list[int]:
     if isinstance(prompt, list):
         return [int(t) for t in prompt]
     tok = ctx.tokenizer
@@ -123,7 +123,8 @@ async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: l
             chat = [ChatMessage(m.role, m.text()) for m in messages]
         except ValueError as e:
             raise ApiError(400, str(e)) from e
-        size, work = sum(len(m.content) for m in chat), functools.partial(render_chat, tok, chat)
+        size = sum(len(m.content) for m in chat)
+        work = functools.partial(render_chat, tok, chat, add_generation_prompt)
     else:
         size, work = len(prompt or ""), functools.partial(encode_text, tok, prompt or "", parse_special_tokens)
     return work() if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)

@@ -1,4 +1,5 @@
-"""`/v1/prefixes`: upload (PUT, multipart), list, get and delete the caller's prefixes.
+"""`/v1/prefixes`: create (PUT: a multipart upload of a tuned prefix, or JSON with a text the
+model computes a prompt prefix from), list, get and delete the caller's prefixes.
 
 A tenant only ever sees its own namespace: another tenant's prefix is simply not there
 (404), never forbidden (403), so its existence is not revealed.
@@ -7,15 +8,19 @@ A tenant only ever sees its own namespace: another tenant's prefix is simply not
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import ValidationError
 
 from prefix_store import PrefixRecord
 from prefix_store.store import MAX_DESCRIPTION_CHARS
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
 from server.api.errors import ApiError
-from server.api.schemas import PrefixInfo, PrefixList
+from server.api.errors import describe_validation_errors
+from server.api.generation import encode
+from server.api.schemas import PrefixInfo, PrefixList, PromptPrefixRequest
 from server.api.upload import UploadError, parse_prefix_upload
 from server.prefix import shorten, validate_prefix_id
 
@@ -24,17 +29,21 @@ router = APIRouter(tags=["prefixes"])
 
 def prefix_info(r: PrefixRecord) -> PrefixInfo:
     return PrefixInfo(id=r.prefix_id, version=r.version, num_virtual_tokens=r.num_virtual_tokens, dtype=r.dtype,
-                      bytes=r.bytes, created_at=r.created_at, description=r.description, shared=r.shared)
+                      bytes=r.bytes, created_at=r.created_at, description=r.description, shared=r.shared,
+                      kind=r.kind)
 
 
-_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary",
-                 "description": "zip of a PEFT prefix-tuning adapter folder, or a .safetensors file"},
-        "description": {"type": "string"},
-        "num_virtual_tokens": {"type": "integer", "description": "rows of prompt_embeddings (optional check)"},
-        "shared": {"type": "boolean", "description": "admin only: every tenant may use it as shared/<id>"},
-    }}}}}}
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary",
+                     "description": "zip of a PEFT prefix-tuning adapter folder, or a .safetensors file"},
+            "description": {"type": "string"},
+            "num_virtual_tokens": {"type": "integer", "description": "rows of prompt_embeddings (optional check)"},
+            "shared": {"type": "boolean", "description": "admin only: every tenant may use it as shared/<id>"},
+        }}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/PromptPrefixRequest"}},
+}}}
 
 
 @router.put("/v1/prefixes/{prefix_id}", response_model=PrefixInfo, status_code=201, openapi_extra=_UPLOAD_FORM,
@@ -43,29 +52,63 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
                         caller: Caller = Depends(require_caller)) -> PrefixInfo:
     ctx: ServerContext = get_ctx(request)
     validate_prefix_id(prefix_id)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        kv, description, shared, kind = await _prompt_prefix(ctx, request, caller)
+    else:
+        kv, description, shared, kind = await _uploaded_prefix(ctx, request, caller)
+    record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
+                                              model_fingerprint=ctx.spec.fingerprint, description=description,
+                                              shared=shared, kind=kind)
+    response.status_code = 201 if created else 200
+    return prefix_info(record)
+
+
+def _check_share(shared: bool, caller: Caller) -> None:
+    if shared and not caller.is_admin:
+        raise ApiError(403, "only the admin key can share a prefix with every tenant ('shared')", "permission_error")
+
+
+async def _uploaded_prefix(ctx: ServerContext, request: Request, caller: Caller):
     # The form is read here, after the key was checked: a stranger cannot make us read a
     # large body (FastAPI reads declared form parameters before running dependencies).
     data, filename, description, num_virtual_tokens, shared = await _read_form(request)
-    if shared and not caller.is_admin:
-        raise ApiError(403, "only the admin key can share a prefix with every tenant ('shared' form field)",
-                       "permission_error")
+    _check_share(shared, caller)
     try:
         kv = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
-                                         num_virtual_tokens=num_virtual_tokens,
-                                         max_prefix_bytes=ctx.settings.max_prefix_bytes)
+                                     num_virtual_tokens=num_virtual_tokens,
+                                     max_prefix_bytes=ctx.settings.max_prefix_bytes)
     except UploadError as e:
         raise ApiError(e.status, str(e), e.kind) from e
-    record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
-                                        model_fingerprint=ctx.spec.fingerprint, description=description,
-                                        shared=shared)
-    response.status_code = 201 if created else 200
-    return prefix_info(record)
+    return kv, description, shared, "tuned"
+
+
+async def _prompt_prefix(ctx: ServerContext, request: Request, caller: Caller):
+    """A prefix computed from a text by the model: its keys and values, as the cache holds them."""
+    try:
+        body = PromptPrefixRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise ApiError(400, f"invalid prompt prefix body: {describe_validation_errors(e.errors())}") from e
+    _check_share(body.shared, caller)
+    ids = await encode(ctx, body.text, body.messages, body.parse_special_tokens, add_generation_prompt=False)
+    spec, limit = ctx.spec, ctx.spec.max_model_len
+    if not ids:
+        raise ApiError(400, "the text has no tokens")
+    if len(ids) + 1 > limit:
+        raise ApiError(400, f"the text has {len(ids)} tokens; a prompt prefix must leave room in the context of "
+                            f"{limit} tokens (at most {limit - 1} tokens)")
+    nbytes = len(ids) * spec.kv_bytes_per_token(ctx.engine.dtype)
+    if nbytes > ctx.settings.max_prefix_bytes:
+        raise ApiError(413, f"the text's {len(ids)} tokens make a prefix of {nbytes} bytes; the limit is "
+                            f"{ctx.settings.max_prefix_bytes} (max_prefix_bytes)", "payload_too_large")
+    kv = await ctx.engine.prompt_kv(f"kv-{uuid.uuid4().hex}", ids)
+    return kv, body.description, body.shared, "prompt"
 
 
 async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | None, bool]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "send the prefix as multipart/form-data with the file in the field 'file' "
-                            "(curl -F file=@adapter.zip)", "unsupported_media_type")
+                            "(curl -F file=@adapter.zip), or as JSON {\"text\": ...} to compute it from a text",
+                       "unsupported_media_type")
     try:
         form = await request.form(max_files=1, max_fields=8)
     except ApiError:

@@ -220,6 +220,26 @@ class PrefixInfo(BaseModel):
     created_at: float
     description: str = ""
     shared: bool = False  # the admin's prefix, usable by every tenant as shared/<id>
+    kind: Literal["tuned", "prompt"] = "tuned"  # prompt: computed from a text by the model
+
+
+class PromptPrefixRequest(BaseModel):
+    """PUT /v1/prefixes/{id} as JSON: a prefix computed from a text (a system prompt, a
+    few-shot block) by the frozen model, served like any prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, description="tokenized as a prompt is (the tokenizer's BOS included)")
+    messages: list[Message] | None = Field(
+        None, description="chat messages: the chat template up to the end of the last one")
+    parse_special_tokens: bool = Field(False, description="read special tokens' spellings in `text` as the tokens")
+    description: str = Field("", max_length=4096)
+    shared: bool = Field(False, description="admin only: every tenant may use it as shared/<id>")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "PromptPrefixRequest":
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'text' and 'messages'")
+        return self
 
 
 class PrefixList(BaseModel):

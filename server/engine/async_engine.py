@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from server.engine.engine_core import (Abort, AddRequest, Died, DropStale, EngineCore, PrefixPayload, Ready,
+from server.engine.engine_core import (Abort, AddRequest, ComputeKV, Died, DropStale, EngineCore, PrefixPayload, Ready,
                                        StepBatch, Stop)
 from server.engine.engine_process import EngineProcessConfig, main as engine_process_main, receive, send
 from server.engine.llm_engine import LLMEngine
@@ -181,7 +181,7 @@ class AsyncEngine:
         self.dtype: torch.dtype | None = None
         self.device: str | None = None
         self._sinks: dict[str, asyncio.Queue] = {}
-        self._inflight: dict[str, tuple[AddRequest, Prefix | None]] = {}  # sent: to send again if the core asks
+        self._inflight: dict[str, tuple[AddRequest | ComputeKV, Prefix | None]] = {}  # to send again if the core asks
         self._core_has: set[tuple] = set()  # prefix keys whose tensor the core holds
         self._stats = EngineStats()
         self._sent_since_batch = 0
@@ -294,6 +294,30 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def prompt_kv(self, request_id: str, token_ids: list[int], prefix: Prefix | None = None) -> torch.Tensor:
+        """The model's keys and values of `token_ids` (after `prefix`) as a prefix kv
+        [L, 2, Hkv, n, hd] (LLMEngine.prompt_kv, run by the loop between two steps)."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._error}")
+        if self.limits is None:
+            self.connect()
+        check_request(self.limits, token_ids, SamplingParams(max_tokens=1), prefix)  # raises RequestError
+        if request_id in self._sinks:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        sink: asyncio.Queue = asyncio.Queue()
+        self._sinks[request_id] = sink
+        cmd = ComputeKV(request_id, list(token_ids), self._payload(prefix))
+        self._inflight[request_id] = (cmd, prefix)
+        self._channel.send(cmd)
+        try:
+            item = await sink.get()
+        finally:
+            self._sinks.pop(request_id, None)
+            self._inflight.pop(request_id, None)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def abort(self, request_id: str) -> None:
         if self._started:
             self._channel.send(Abort(request_id))
@@ -325,8 +349,12 @@ class AsyncEngine:
         self._core_has.difference_update(batch.forgotten)
         for request_id in batch.need_prefix:  # the core forgot the prefix meanwhile: send its tensor again
             if request_id in self._inflight:
-                add, prefix = self._inflight[request_id]
-                self._channel.send(replace(add, prefix=self._payload(prefix, force=True)))
+                cmd, prefix = self._inflight[request_id]
+                self._channel.send(replace(cmd, prefix=self._payload(prefix, force=True)))
+        for request_id, result in batch.kvs:
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                sink.put_nowait(result)
         for request_id, error in batch.rejected:
             sink = self._sinks.get(request_id)
             if sink is not None:

@@ -51,6 +51,15 @@ class AddRequest:
 
 
 @dataclass
+class ComputeKV:
+    """The keys and values of `token_ids` (after `prefix`): LLMEngine.prompt_kv, between steps."""
+
+    request_id: str
+    token_ids: list[int]
+    prefix: PrefixPayload | None
+
+
+@dataclass
 class Abort:
     request_id: str
 
@@ -83,6 +92,7 @@ class StepBatch:
     rejected: list[tuple[str, BaseException]] = field(default_factory=list)  # (request id, why) at add time
     need_prefix: list[str] = field(default_factory=list)  # request ids to send again with their prefix's kv
     forgotten: list[tuple] = field(default_factory=list)  # prefix keys the core no longer holds
+    kvs: list[tuple[str, torch.Tensor | BaseException]] = field(default_factory=list)  # ComputeKV results
 
 
 @dataclass
@@ -107,6 +117,8 @@ class EngineCore:
         for cmd in commands:
             if isinstance(cmd, AddRequest):
                 self._add(cmd)
+            elif isinstance(cmd, ComputeKV):
+                self._compute_kv(cmd)
             elif isinstance(cmd, Abort):
                 self._quiet.pop(cmd.request_id, None)
                 self.engine.abort(cmd.request_id)
@@ -133,6 +145,18 @@ class EngineCore:
             self._prefix_of[cmd.request_id] = prefix.key
         if not cmd.stream:
             self._quiet[cmd.request_id] = {}
+
+    def _compute_kv(self, cmd: ComputeKV) -> None:
+        prefix = None
+        if cmd.prefix is not None:
+            prefix = self._prefix(cmd.prefix)
+            if prefix is None:
+                self._batch.need_prefix.append(cmd.request_id)
+                return
+        try:
+            self._batch.kvs.append((cmd.request_id, self.engine.prompt_kv(cmd.token_ids, prefix)))
+        except Exception as e:  # noqa: BLE001 - the caller learns why; the loop goes on
+            self._batch.kvs.append((cmd.request_id, e))
 
     def _prefix(self, payload: PrefixPayload) -> Prefix | None:
         """The host copy of a request's prefix: kept from an earlier request, or made from
@@ -210,7 +234,7 @@ class EngineCore:
             if self.stopped:
                 return
             batch = self.step()
-            if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten:
+            if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten or batch.kvs:
                 send(batch)
 
 

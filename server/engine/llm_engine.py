@@ -30,6 +30,10 @@ from server.prefix import ModelSpec, Prefix, PrefixRef
 log = logging.getLogger(__name__)
 
 
+class KVPoolBusy(RuntimeError):
+    """Work outside the step loop found no free blocks (running requests hold them)."""
+
+
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -287,6 +291,32 @@ class LLMEngine:
             inp = self.runner.prepare([req], [n])
             inp.logits_indices = torch.arange(n, device=self.device)
             return self.runner.execute(inp).float()
+        finally:
+            self.kv.free(req)
+
+    def prompt_kv(self, token_ids: list[int], prefix: Prefix | None = None) -> torch.Tensor:
+        """The keys and values the model computes for `token_ids` (after `prefix`, if any), as
+        a prefix kv [L, 2, Hkv, n, hd]: what its cache holds, keys rotated at their positions.
+        Served as a prefix, they give what sending the tokens in the prompt gives.
+
+        Runs outside the step loop, in chunks of max_num_batched_tokens (call it from the
+        thread that steps), with blocks taken from the KV manager and given back.
+        """
+        sampling = SamplingParams(max_tokens=1)  # the text must leave room to generate
+        self.check_request(token_ids, sampling, prefix)
+        req = Request(f"kv-{time.monotonic_ns()}", [int(t) for t in token_ids], sampling, prefix)
+        n = len(req.prompt_token_ids)
+        try:
+            if not self.kv.acquire_prefix(req) or not self.kv.allocate(req, n):
+                raise KVPoolBusy(f"no room in the KV pool for {n} tokens now; retry shortly")
+            req.status = RequestStatus.RUNNING
+            while req.num_computed_tokens < n:
+                q = min(self.config.max_num_batched_tokens, n - req.num_computed_tokens)
+                inp = self.runner.prepare([req], [q])
+                inp.logits_indices = inp.logits_indices[:0]  # only the cache writes are wanted
+                self.runner.execute(inp)
+                req.num_computed_tokens += q
+            return self.runner.read_slots(req.own_blocks, n)
         finally:
             self.kv.free(req)
 

@@ -73,6 +73,13 @@ class ModelRunner:
         block = torch.tensor(blocks, dtype=torch.long, device=self.device)[s // self.block_size]
         self.kv_cache[:, :, block, s % self.block_size] = kv.permute(0, 1, 3, 2, 4).to(self.device, self.dtype)
 
+    def read_slots(self, blocks: list[int], n: int) -> torch.Tensor:
+        """The keys and values in slots 0..n-1 of `blocks`, as a prefix kv [L, 2, Hkv, n, hd]
+        (the inverse of write_prefix)."""
+        s = torch.arange(n, device=self.device)
+        block = torch.tensor(blocks, dtype=torch.long, device=self.device)[s // self.block_size]
+        return self.kv_cache[:, :, block, s % self.block_size].permute(0, 1, 3, 2, 4).contiguous()
+
     def copy_block(self, src: int, dst: int) -> None:
         """Copy block `src`'s slots, every layer, keys and values, into block `dst`."""
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]

@@ -31,6 +31,10 @@ class ModelSpec:
     def kv_shape(self, prefix_len: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, self.num_kv_heads, prefix_len, self.head_dim)
 
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes one prefix token takes in `dtype` (keys and values of every layer)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
+
     def peft_token_dim(self) -> int:
         """PEFT's token_dim for this model (it uses the kv heads for GQA models)."""
         return self.num_kv_heads * self.head_dim
