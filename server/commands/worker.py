@@ -79,9 +79,11 @@ def _work(settings: Settings, stop: _StopFlag) -> int:
     loaded = load_model(settings.model, dtype=settings.train_dtype, device=settings.device, cache_dir=settings.cache_dir)
     if stop.count:  # a signal arrived while the model loaded
         return 0
+    durability = {"wait_replicas": settings.wait_replicas_for(settings.redis_url),
+                  "wait_timeout_ms": settings.redis_wait_timeout_ms}
     queue = JobQueue(settings.redis_url, settings.namespace, claim_timeout_s=settings.job_claim_timeout_s,
-                     max_attempts=settings.job_max_attempts)
-    store = PrefixStore(settings.redis_url, namespace=settings.namespace)
+                     max_attempts=settings.job_max_attempts, **durability)
+    store = PrefixStore(settings.redis_url, namespace=settings.namespace, **durability)
     config = WorkerConfig(consumer=consumer, mid_dim=settings.train_mid_dim, batch_size=settings.train_batch_size,
                           heartbeat_s=min(5.0, settings.job_claim_timeout_s / 4))
     worker = Worker(loaded.model, loaded.tokenizer, queue, store, config)
