@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     train_mid_dim: int = Field(512, ge=1, description="hidden width of the MLP reparameterization")
     train_batch_size: int = Field(8, ge=1, description="examples per training step")
     worker_name: str | None = Field(None, description="this worker's name in the consumer group (default host-pid)")
+    worker_max_jobs: int = Field(
+        4, ge=1, le=64, description="jobs one worker holds at once; they take turns one training step at a time, "
+                                    "the tenant with the least worker time first (each keeps its optimizer state "
+                                    "in memory)")
     worker_nice: int = Field(0, ge=0, le=19, description="lower the worker's CPU priority (serve starts its own at 10)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads of the worker (default torch's)")
 
@@ -166,7 +170,8 @@ class Settings(BaseSettings):
 WORKER_FIELDS = {  # field -> the worker's older flag name, kept working
     "model": None, "redis_url": None, "redis_wait_replicas": None, "redis_wait_timeout_ms": None,
     "namespace": None, "train_dtype": "--dtype", "device": None,
-    "worker_name": "--consumer", "job_claim_timeout_s": "--claim-timeout", "job_max_attempts": "--max-attempts",
+    "worker_name": "--consumer", "worker_max_jobs": None, "job_claim_timeout_s": "--claim-timeout",
+    "job_max_attempts": "--max-attempts",
     "train_mid_dim": "--mid-dim", "train_batch_size": "--batch-size", "torch_threads": "--threads",
     "worker_nice": "--nice", "cache_dir": None, "metrics_port": None, "metrics_host": "--metrics-addr",
     "log_level": None,
@@ -178,7 +183,7 @@ SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url
                                          "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s",
                                          "request_timeout_s", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
                                          "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
-                                         "max_jobs_per_tenant", "max_train_examples", "max_train_example_tokens",
+                                         "max_jobs_per_tenant", "worker_max_jobs", "max_train_examples", "max_train_example_tokens",
                                          "max_train_steps", "max_train_virtual_tokens", "job_claim_timeout_s",
                                          "job_max_attempts", "namespace", "metrics_key", "metrics_port",
                                          "metrics_host", "docs", "drain_timeout_s", "log_level")}

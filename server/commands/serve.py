@@ -83,6 +83,7 @@ def _start_workers(settings: Settings, redis_url: str, owns_redis: bool):
     args = ["--device", settings.device, "--cache-dir", str(settings.cache_dir), "--namespace", settings.namespace,
             "--job-claim-timeout-s", str(settings.job_claim_timeout_s),
             "--job-max-attempts", str(settings.job_max_attempts),
+            "--worker-max-jobs", str(settings.worker_max_jobs),
             "--redis-wait-replicas", str(settings.wait_replicas_for(redis_url)),
             "--redis-wait-timeout-ms", str(settings.redis_wait_timeout_ms),
             "--worker-nice", "10",  # serving latency first
