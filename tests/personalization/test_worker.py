@@ -1,5 +1,6 @@
-"""The worker on a real Redis: what it publishes (nothing, unless the whole job ran), how
-it refuses jobs it cannot run, and `prefix-serve worker` stopping on SIGTERM."""
+"""The worker on a real Redis (and a real Redis Cluster): what it publishes (nothing, unless
+the whole job ran), how it refuses jobs it cannot run, how its jobs take turns, and
+`prefix-serve worker` stopping on SIGTERM."""
 
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ def job_spec(fingerprint: str, steps: int = 5, base_prefix: dict | None = None) 
 
 
 @pytest.fixture()
-def parts(redis_server):
+def parts(redis_backend):
+    """A worker with its queue and store, on a single Redis and on a Redis Cluster."""
     namespace = unique_namespace()
     model = make_tiny_llama()
-    queue = JobQueue(redis_server.url, namespace)
-    store = PrefixStore(redis_server.url, namespace=namespace)
+    queue = JobQueue(redis_backend.url, namespace)
+    store = PrefixStore(redis_backend.url, namespace=namespace)
     worker = Worker(model, make_byte_tokenizer(), queue, store, WorkerConfig(consumer="w1", mid_dim=32))
     yield worker, queue, store, model_fingerprint(model)
     queue.close()
