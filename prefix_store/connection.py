@@ -25,8 +25,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError, RedisClusterException,
-                              TryAgainError)
+from redis.exceptions import (AskError, ClusterDownError, MasterDownError, MovedError, ReadOnlyError,
+                              RedisClusterException, TryAgainError)
 from redis.retry import Retry
 
 from prefix_store.errors import NotReplicatedError, StoreUnavailableError
@@ -36,9 +36,11 @@ from prefix_store.errors import NotReplicatedError, StoreUnavailableError
 SOCKET_TIMEOUT_S = 2.0
 HEALTH_CHECK_INTERVAL_S = 10
 # A master being replaced (a cluster failover) answers CLUSTERDOWN / TRYAGAIN or not at all,
-# a client whose node list is stale finds no node: all are "retry shortly".
+# a client whose node list is stale finds no node or is still redirected (MOVED) after its
+# retries, a master that came back as a replica answers READONLY: all are "retry shortly".
 TRANSPORT_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError,
-                    ClusterDownError, MasterDownError, TryAgainError, RedisClusterException)
+                    ClusterDownError, MasterDownError, TryAgainError, AskError, RedisClusterException,
+                    ReadOnlyError)
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 Client = redis.Redis | RedisCluster

@@ -11,7 +11,7 @@ from hypothesis import settings
 from prefix_store.connection import make_client
 from prefix_store.redis_process import RedisServer
 from tests.api.harness import Stack, start_stack, tiny_tokenizer
-from tests.redis_cluster import RedisClusterProcesses
+from prefix_store.redis_cluster import RedisClusterProcesses
 
 
 # Property tests write no example database into the checkout.

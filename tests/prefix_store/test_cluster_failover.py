@@ -20,7 +20,7 @@ from redis.crc import key_slot
 from prefix_store import NotReplicatedError, PrefixStore, StoreUnavailableError
 from prefix_store.job_queue import JobQueue
 from tests.prefix_store.helpers import FINGERPRINT, make_kv, unique_namespace, wait_until
-from tests.redis_cluster import ClusterNode, RedisClusterProcesses
+from prefix_store.redis_cluster import NodeProcess, RedisClusterProcesses
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +29,7 @@ def cluster() -> Iterator[RedisClusterProcesses]:
         yield c
 
 
-def replica_of(cluster: RedisClusterProcesses, master: ClusterNode) -> ClusterNode:
-    for node in cluster.live_nodes():
-        with node.client() as c:
-            info = c.info("replication")
-        if info["role"] == "slave" and int(info["master_port"]) == master.port:
-            return node
-    raise RuntimeError(f"{master.address} has no replica:\n{cluster.describe()}")
-
-
-def tenants(cluster: RedisClusterProcesses, store: PrefixStore, master: ClusterNode, count: int,
+def tenants(cluster: RedisClusterProcesses, store: PrefixStore, master: NodeProcess, count: int,
             on_master: bool) -> list[str]:
     """`count` tenant ids whose keys live on `master` (or, on_master=False, elsewhere)."""
     ranges = cluster.slots_of(master)
@@ -58,7 +49,7 @@ def test_a_write_waits_for_a_replica_and_is_refused_without_one(cluster):
     try:
         master = cluster.master_of(queue.stream)  # a tenant on the same master as the job queue
         tenant = tenants(cluster, store, master, 1, on_master=True)[0]
-        replica = replica_of(cluster, master)
+        replica = cluster.replica_of(master)
         store.put(tenant, "before", make_kv(0), model_fingerprint=FINGERPRINT)
         with replica.client() as c:  # acknowledged: the replica has it already
             c.execute_command("READONLY")

@@ -1,9 +1,11 @@
-"""A real Redis Cluster for tests: three masters, each with one replica, six redis-server
-processes on 127.0.0.1, formed with `redis-cli --cluster create`.
+"""A real Redis Cluster that we start and own (tests, bench/cluster_bench.py): three masters,
+each with one replica, six redis-server processes on 127.0.0.1 (no password: loopback only),
+formed with `redis-cli --cluster create`.
 
 A short `cluster-node-timeout` makes a killed master's replica take over within a few
-seconds, so failover tests stay short. `kill_master()` SIGKILLs the master of a key's slot;
-`restart()` brings a killed node back (it rejoins as a replica of the promoted one).
+seconds, so failover tests stay short. `master_of(key).kill()` SIGKILLs the master of a
+key's slot; `restart(node)` brings a killed node back (it rejoins as a replica of the
+promoted one).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from prefix_store.redis_process import free_port
 NODE_TIMEOUT_MS = 1000
 
 
-class ClusterNode:
+class NodeProcess:
     def __init__(self, port: int, bus_port: int, datadir: Path):
         self.port = port
         self.bus_port = bus_port  # its own: the default port + 10000 may be taken, or above 65535
@@ -94,7 +96,7 @@ class RedisClusterProcesses:
         self.masters = masters
         self.replicas_per_master = replicas_per_master
         self.root = Path(tempfile.mkdtemp(prefix="prefix-serve-cluster-"))
-        self.nodes = [ClusterNode(free_port(), free_port(), self.root / f"node-{i}")
+        self.nodes = [NodeProcess(free_port(), free_port(), self.root / f"node-{i}")
                       for i in range(masters * (1 + replicas_per_master))]
 
     @property
@@ -146,14 +148,14 @@ class RedisClusterProcesses:
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             return False
 
-    def live_nodes(self) -> list[ClusterNode]:
+    def live_nodes(self) -> list[NodeProcess]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
-    def role(self, node: ClusterNode) -> str:
+    def role(self, node: NodeProcess) -> str:
         with node.client() as c:
             return c.info("replication")["role"]
 
-    def master_of(self, key: str) -> ClusterNode:
+    def master_of(self, key: str) -> NodeProcess:
         """The live node that, by its own account, serves `key`'s slot as master."""
         for node in self.live_nodes():
             try:
@@ -166,18 +168,21 @@ class RedisClusterProcesses:
                 continue
         raise RuntimeError(f"no live master for {key!r}:\n{self.describe()}")
 
-    def slots_of(self, master: ClusterNode) -> list[tuple[int, int]]:
+    def slots_of(self, master: NodeProcess) -> list[tuple[int, int]]:
         """The slot ranges `master` serves, by its own account."""
         with master.client() as c:
             return [(start, end) for start, end, owner, *_ in c.execute_command("CLUSTER", "SLOTS")
                     if int(owner[1]) == master.port]
 
-    def kill_master(self, key: str) -> ClusterNode:
-        node = self.master_of(key)
-        node.kill()
-        return node
+    def replica_of(self, master: NodeProcess) -> NodeProcess:
+        for node in self.live_nodes():
+            with node.client() as c:
+                info = c.info("replication")
+            if info["role"] == "slave" and int(info["master_port"]) == master.port:
+                return node
+        raise RuntimeError(f"{master.address} has no replica:\n{self.describe()}")
 
-    def wait_promoted(self, key: str, old: ClusterNode, timeout: float = 30.0) -> ClusterNode:
+    def wait_promoted(self, key: str, old: NodeProcess, timeout: float = 30.0) -> NodeProcess:
         """Wait until a live node other than `old` is master of `key`'s slot (cluster ok again)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -191,7 +196,7 @@ class RedisClusterProcesses:
             time.sleep(0.1)
         raise RuntimeError(f"no replica was promoted for {key!r}:\n{self.describe()}")
 
-    def restart(self, node: ClusterNode) -> None:
+    def restart(self, node: NodeProcess) -> None:
         node.start()
         node.wait_up()
 
