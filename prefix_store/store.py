@@ -29,7 +29,8 @@ import torch
 
 from prefix_store import codec
 from prefix_store.connection import make_client, unavailable_as_error, wait_for_replicas
-from prefix_store.errors import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
+from prefix_store.errors import (NotReplicatedError, StoreIntegrityError, StoreUnavailableError, TenantDeletedError,
+                                 TenantExistsError)
 from prefix_store.keys import Keys
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord, TenantEvent
@@ -193,8 +194,12 @@ class PrefixStore:
                 raise TenantExistsError(f"tenant {tenant_id!r} is still being deleted; retry in a moment")
             api_key = self._tenants.create(tenant_id, incarnation)
             self._r.set(self.keys.incarnation(tenant_id), incarnation)
-            self._replicated(tenant_id)  # after the incarnation, in the tenant's slot...
-            self._replicated(None)  # ...and the key, in the directory's
+            try:
+                self._replicated(tenant_id)  # after the incarnation, in the tenant's slot...
+                self._replicated(None)  # ...and the key, in the directory's
+            except NotReplicatedError as e:
+                raise NotReplicatedError(f"tenant {tenant_id!r} was written but not confirmed: {e}; its key "
+                                         "cannot be shown now: rotate the tenant's key to get one") from e
         return api_key
 
     def tenant_incarnation(self, tenant_id: str) -> str | None:
@@ -211,8 +216,12 @@ class PrefixStore:
         with self._guard():
             api_key = self._tenants.rotate_key(tenant_id)
             if api_key is not None:
-                self._replicated(None)
                 self._r.publish(self.keys.tenant_events(), TenantEvent("key_rotated", tenant_id).to_json())
+                try:
+                    self._replicated(None)
+                except NotReplicatedError as e:
+                    raise NotReplicatedError(f"the key of tenant {tenant_id!r} was changed but not confirmed: {e}; "
+                                             "the old key no longer works: rotate again to get a new one") from e
         return api_key
 
     def tenant_for_key(self, api_key: str) -> str | None:
