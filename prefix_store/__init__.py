@@ -1,6 +1,7 @@
 """prefix_store: the only code that knows Redis. Versioned prefixes, tenants, API keys, events."""
 
 from prefix_store.errors import (
+    NotReplicatedError,
     StoreIntegrityError,
     StoreUnavailableError,
     TenantDeletedError,
@@ -12,6 +13,6 @@ from prefix_store.store import PrefixStore
 from prefix_store.subscription import Subscription
 
 __all__ = [
-    "PrefixEvent", "PrefixRecord", "PrefixStore", "RedisServer",
+    "NotReplicatedError", "PrefixEvent", "PrefixRecord", "PrefixStore", "RedisServer",
     "StoreIntegrityError", "StoreUnavailableError", "Subscription", "TenantDeletedError", "TenantExistsError",
 ]

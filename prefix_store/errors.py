@@ -7,6 +7,12 @@ class StoreUnavailableError(RuntimeError):
     """Redis cannot be reached (refused, timed out, loading). The API maps it to 503."""
 
 
+class NotReplicatedError(StoreUnavailableError):
+    """A write was not confirmed on the required number of Redis replicas in time (or was
+    lost in a failover before it was). Nothing was acknowledged; repeating the write is safe.
+    The API maps it to 503 with this message."""
+
+
 class StoreIntegrityError(RuntimeError):
     """Stored data contradicts itself (a tensor missing or not matching its version hash).
 

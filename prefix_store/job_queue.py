@@ -4,6 +4,7 @@
     ps:{jobs}:job:<job_id>      hash    the job (prefix_store.job.Job); expires after it finishes
     ps:{jobs}:active:<tenant>   set     ids of the tenant's queued and running jobs (the limit)
     ps:{jobs}:tenant:<tenant>   zset    ids of all the tenant's jobs, by creation time (deletion)
+    ps:{jobs}:sync              string  written just before a WAIT (connection.wait_for_replicas)
 
 # NOTE: invariants
 # - Every state change is one Lua script, so a reader never sees half of one (e.g. a job
@@ -16,6 +17,10 @@
 #   worker (if it was only slow) finds its lease LOST and publishes nothing.
 # - After `max_attempts` starts the job is failed with the reason instead of run again.
 # - A finished job's entry is acknowledged and deleted, so the stream holds only live work.
+# - With `wait_replicas` > 0 a submission is acknowledged only once that many replicas of
+#   the master hold it (WAIT), so a failover keeps every job the API said it queued. Later
+#   state changes are not waited for: one lost in a failover at worst runs a job again
+#   (the lease then looks silent and the job is taken over) or loses a cancel.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 import redis
 
-from prefix_store.connection import make_client, unavailable_as_error
+from prefix_store.connection import make_client, unavailable_as_error, wait_for_replicas
 from prefix_store.job import Job, JobStatus, LeaseState, TooManyJobsError
 from prefix_store.keys import Keys
 from server.prefix.ids import validate_tenant
@@ -149,7 +154,7 @@ class JobQueue:
 
     def __init__(self, redis_url: str, namespace: str = "ps", *, max_active_per_tenant: int = 2,
                  claim_timeout_s: float = 60.0, max_attempts: int = 3, finished_ttl_s: int = 7 * 86400,
-                 group: str = "workers"):
+                 group: str = "workers", wait_replicas: int = 0, wait_timeout_ms: int = 1000):
         if max_active_per_tenant < 1 or max_attempts < 1 or claim_timeout_s <= 0 or finished_ttl_s < 1:
             raise ValueError(f"max_active_per_tenant ({max_active_per_tenant}) and max_attempts ({max_attempts}) "
                              f"must be >= 1, claim_timeout_s ({claim_timeout_s}) and finished_ttl_s "
@@ -161,9 +166,12 @@ class JobQueue:
         self.max_attempts = max_attempts
         self.finished_ttl_s = int(finished_ttl_s)
         self.group = group
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._r = make_client(redis_url)
         base = f"{namespace}:{{jobs}}"
         self.stream = f"{base}:stream"
+        self._sync = f"{base}:sync"
         self._job_base = f"{base}:job:"
         self._active_base = f"{base}:active:"
         self._tenant_base = f"{base}:tenant:"
@@ -203,6 +211,9 @@ class JobQueue:
             ok, active = self._scripts["submit"](
                 keys=[self.job_key(job_id), self.active_key(tenant), self.stream, self.tenant_key(tenant)],
                 args=args)
+            if ok:
+                wait_for_replicas(self._r, self._sync, self.wait_replicas, self.wait_timeout_ms,
+                                  created_key=self.job_key(job_id))
         if not ok:
             raise TooManyJobsError(tenant, int(active), self.max_active_per_tenant)
         return job_id
@@ -248,14 +259,15 @@ class JobQueue:
 
     def claim(self, consumer: str, block_ms: int = MAX_BLOCK_MS) -> Job | None:
         """The next job to run (a dead worker's first), now leased to `consumer`; None if there
-        is none within `block_ms` (or the entry read was stale, cancelled or failed for good)."""
+        is none within `block_ms` (0: do not wait), or the entry read was stale, cancelled or
+        failed for good."""
         with self._guard():
             self._ensure_group()
             entry = self._take_abandoned(consumer)
             if entry is None:
                 try:
                     reply = self._r.xreadgroup(self.group, consumer, {self.stream: ">"}, count=1,
-                                               block=max(1, min(block_ms, MAX_BLOCK_MS)))
+                                               block=min(block_ms, MAX_BLOCK_MS) if block_ms > 0 else None)
                 except redis.ResponseError as e:  # NOGROUP: Redis lost its data (restart without AOF)
                     if "NOGROUP" not in str(e):
                         raise

@@ -8,9 +8,12 @@ key hashes share the tag `{tenants}` for the same reason.
     ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv
     ps:{t:acme}:incarnation                      string  the tenant's incarnation id, or the
                                                          tombstone "deleting" / "deleted"
+    ps:{t:acme}:sync                             string  written just before a WAIT (expires in 60 s)
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
+    ps:{tenants}:sync                            string  as ps:{t:acme}:sync, for the directory
     ps:events                                    pub/sub channel of PrefixEvent JSON
+    ps:tenant-events                             pub/sub channel of TenantEvent JSON
     (the job queue's keys, under the tag `{jobs}`, are named in job_queue.py)
 
 Ids (their rules are in server/prefix/ids.py) never contain `{` or `}`, so the hash tag of a
@@ -56,6 +59,9 @@ class Keys:
     def incarnation(self, tenant: str) -> str:
         return f"{self._tenant_base(tenant)}:incarnation"
 
+    def sync(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:sync"
+
     def tensor_pattern(self, tenant: str) -> str:
         """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""
         return f"{self._tenant_base(tenant)}:prefix:*"
@@ -66,5 +72,11 @@ class Keys:
     def api_keys(self) -> str:
         return f"{self.namespace}:{{tenants}}:api_keys"
 
+    def tenants_sync(self) -> str:
+        return f"{self.namespace}:{{tenants}}:sync"
+
     def events(self) -> str:
         return f"{self.namespace}:events"
+
+    def tenant_events(self) -> str:
+        return f"{self.namespace}:tenant-events"

@@ -74,3 +74,27 @@ class PrefixEvent:
             raise ValueError(f"unknown prefix event kind {data.get('kind')!r}")
         return cls(kind=data["kind"], tenant=data["tenant"], prefix_id=data["prefix_id"],
                    version=data["version"])
+
+
+TenantEventKind = Literal["deleted", "key_rotated"]
+
+
+@dataclass(frozen=True)
+class TenantEvent:
+    """Published when a tenant's key stops working (the tenant was deleted, or its key
+    rotated); replicas forget the keys they remember for it (server/api/auth.py)."""
+
+    kind: TenantEventKind
+    tenant: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "TenantEvent":
+        data = json.loads(text)
+        if data.get("kind") not in ("deleted", "key_rotated"):
+            raise ValueError(f"unknown tenant event kind {data.get('kind')!r}")
+        if not isinstance(data.get("tenant"), str):
+            raise ValueError("tenant event without a tenant")
+        return cls(kind=data["kind"], tenant=data["tenant"])

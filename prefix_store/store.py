@@ -1,13 +1,20 @@
-"""PrefixStore: versioned, tenant-namespaced prefixes in Redis (synchronous; the API calls it
-through asyncio.to_thread).
+"""PrefixStore: versioned, tenant-namespaced prefixes in Redis or Redis Cluster (synchronous;
+the API calls it through asyncio.to_thread).
 
 NOTE: the invariant is that a reader never sees metadata without its tensor, nor half of a
-replace. A put writes the new version's tensor, the metadata that points at it, the expiry
-of the old version's tensor and the event in one MULTI/EXEC, guarded by WATCH on the
-tenant's index (a concurrent writer to the same tenant makes us retry). The old tensor
-stays readable for `old_version_grace_s`, so a reader that fetched the old metadata just
-before the swap still gets the tensor it names; every tensor read is checked against the
-version hash in the metadata.
+replace. A put writes the new version's tensor, the metadata that points at it and the
+expiry of the old version's tensor in one MULTI/EXEC, guarded by WATCH on the tenant's
+index (a concurrent writer to the same tenant makes us retry); every key of it carries the
+tenant's hash tag, so it is one slot in a cluster. The event follows the EXEC (a cluster
+MULTI cannot carry PUBLISH); it only saves replicas a stale copy's memory, since every
+request reads the current version anyway. The old tensor stays readable for
+`old_version_grace_s`, so a reader that fetched the old metadata just before the swap still
+gets the tensor it names; every tensor read is checked against the version hash in the
+metadata.
+
+Durability: with `wait_replicas` > 0, a write (put, delete, tenant create/rotate/delete)
+returns only once the slot's master has it on that many replicas (WAIT), else raises
+NotReplicatedError; so a failover that promotes one of them keeps every acknowledged write.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import redis
 import torch
 
 from prefix_store import codec
-from prefix_store.connection import make_client, unavailable_as_error
-from prefix_store.errors import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
+from prefix_store.connection import make_client, unavailable_as_error, wait_for_replicas
+from prefix_store.errors import (NotReplicatedError, StoreIntegrityError, StoreUnavailableError, TenantDeletedError,
+                                 TenantExistsError)
 from prefix_store.keys import Keys
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
-from prefix_store.record import PrefixEvent, PrefixRecord
+from prefix_store.record import PrefixEvent, PrefixRecord, TenantEvent
 from prefix_store.subscription import Subscription
 from prefix_store.tenants import TenantDirectory
 
@@ -36,10 +44,16 @@ DELETING, DELETED = b"deleting", b"deleted"
 
 
 class PrefixStore:
-    def __init__(self, redis_url: str, namespace: str = "ps", old_version_grace_s: int = 300):
+    def __init__(self, redis_url: str, namespace: str = "ps", old_version_grace_s: int = 300,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000):
+        if wait_replicas < 0 or wait_timeout_ms < 1:
+            raise ValueError(f"wait_replicas ({wait_replicas}) must be >= 0 and wait_timeout_ms "
+                             f"({wait_timeout_ms}) >= 1")
         self.redis_url = redis_url
         self.keys = Keys(namespace)
         self.old_version_grace_s = old_version_grace_s
+        self.wait_replicas = wait_replicas  # replicas that must hold a write before it is acknowledged
+        self.wait_timeout_ms = wait_timeout_ms
         self._r = make_client(redis_url)
         self._tenants = TenantDirectory(self._r, self.keys)
         self.errors = 0  # operations that found Redis unreachable (metrics: store_errors_total)
@@ -99,11 +113,12 @@ class PrefixStore:
             pipe.hset(index, prefix_id, record.to_json())
             if old is not None and old.version != version:
                 pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
-            pipe.publish(self.keys.events(), event.to_json())
             return old
 
         with self._guard():
             old = self._r.transaction(tx, index, marker, value_from_callable=True)
+            self._replicated(tenant, created_key=self.keys.tensor(tenant, prefix_id, version))
+            self._r.publish(self.keys.events(), event.to_json())
         return record, old is None
 
     def get_record(self, tenant: str, prefix_id: str) -> PrefixRecord | None:
@@ -153,19 +168,23 @@ class PrefixStore:
         validate_prefix_id(prefix_id)
         index = self.keys.prefixes(tenant)
 
-        def tx(pipe: redis.client.Pipeline) -> bool:
+        def tx(pipe: redis.client.Pipeline) -> PrefixRecord | None:
             raw = pipe.hget(index, prefix_id)
             if raw is None:
-                return False
+                return None
             old = PrefixRecord.from_json(raw)
             pipe.multi()
             pipe.hdel(index, prefix_id)
             pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
-            pipe.publish(self.keys.events(), PrefixEvent("delete", tenant, prefix_id, old.version).to_json())
-            return True
+            return old
 
         with self._guard():
-            return bool(self._r.transaction(tx, index, value_from_callable=True))
+            old = self._r.transaction(tx, index, value_from_callable=True)
+            if old is None:
+                return False
+            self._replicated(tenant)
+            self._r.publish(self.keys.events(), PrefixEvent("delete", tenant, prefix_id, old.version).to_json())
+        return True
 
     # ---- tenants and API keys --------------------------------------------------------------
 
@@ -178,6 +197,12 @@ class PrefixStore:
                 raise TenantExistsError(f"tenant {tenant_id!r} is still being deleted; retry in a moment")
             api_key = self._tenants.create(tenant_id, incarnation)
             self._r.set(self.keys.incarnation(tenant_id), incarnation)
+            try:
+                self._replicated(tenant_id)  # after the incarnation, in the tenant's slot...
+                self._replicated(None)  # ...and the key, in the directory's
+            except NotReplicatedError as e:
+                raise NotReplicatedError(f"tenant {tenant_id!r} was written but not confirmed: {e}; its key "
+                                         "cannot be shown now: rotate the tenant's key to get one") from e
         return api_key
 
     def tenant_incarnation(self, tenant_id: str) -> str | None:
@@ -189,8 +214,18 @@ class PrefixStore:
         return None if value in (None, DELETING, DELETED) else value.decode()
 
     def rotate_key(self, tenant_id: str) -> str | None:
+        """A new API key for the tenant (shown once; stored hashed); the old one stops working
+        at once here, and on every replica when it hears the event. None: no such tenant."""
         with self._guard():
-            return self._tenants.rotate_key(tenant_id)
+            api_key = self._tenants.rotate_key(tenant_id)
+            if api_key is not None:
+                self._r.publish(self.keys.tenant_events(), TenantEvent("key_rotated", tenant_id).to_json())
+                try:
+                    self._replicated(None)
+                except NotReplicatedError as e:
+                    raise NotReplicatedError(f"the key of tenant {tenant_id!r} was changed but not confirmed: {e}; "
+                                             "the old key no longer works: rotate again to get a new one") from e
+        return api_key
 
     def tenant_for_key(self, api_key: str) -> str | None:
         with self._guard():
@@ -220,6 +255,10 @@ class PrefixStore:
             existed = self._tenants.delete(tenant_id)
             if not existed and self._r.get(marker) != DELETING:
                 return False
+            # the key is gone from Redis (replicated, so a failover cannot bring it back);
+            # replicas drop their remembered copy when they hear this
+            self._replicated(None)
+            self._r.publish(self.keys.tenant_events(), TenantEvent("deleted", tenant_id).to_json())
             self._r.set(marker, DELETING)
             for record in self.list(tenant_id):
                 self.delete(tenant_id, record.prefix_id)
@@ -227,17 +266,28 @@ class PrefixStore:
             for key in self._r.scan_iter(match=self.keys.tensor_pattern(tenant_id), count=500):
                 self._r.unlink(key)
             self._r.set(marker, DELETED)
+            self._replicated(tenant_id)
         return True
+
+    def _replicated(self, tenant: str | None, created_key: str | None = None) -> None:
+        """Wait for the writes already made in `tenant`'s slot (None: the tenant directory's)
+        to reach `wait_replicas` replicas; see connection.wait_for_replicas."""
+        sync_key = self.keys.sync(tenant) if tenant is not None else self.keys.tenants_sync()
+        wait_for_replicas(self._r, sync_key, self.wait_replicas, self.wait_timeout_ms, created_key)
 
     # ---- events and health -----------------------------------------------------------------
 
-    def subscribe(self, callback, on_reconnect=None, wait_s: float = 2.0) -> Subscription:
-        """Deliver every PrefixEvent to `callback` on a background thread; `.close()` ends it.
+    def subscribe(self, callback, on_reconnect=None, wait_s: float = 2.0, on_tenant_event=None) -> Subscription:
+        """Deliver every PrefixEvent to `callback` (and every TenantEvent to
+        `on_tenant_event`, if given) on a background thread; `.close()` ends it.
 
         Waits up to `wait_s` for the subscription to be active (it keeps trying in the
         background if Redis is down; see `Subscription.wait_ready`).
         """
-        sub = Subscription(self._r, self.keys.events(), callback, on_reconnect)
+        handlers = {self.keys.events(): (PrefixEvent.from_json, callback)}
+        if on_tenant_event is not None:
+            handlers[self.keys.tenant_events()] = (TenantEvent.from_json, on_tenant_event)
+        sub = Subscription(self._r, handlers, on_reconnect)
         sub.wait_ready(wait_s)
         return sub
 

@@ -43,8 +43,15 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="the admin API key; on loopback one is generated when unset")
     redis_url: str | None = Field(
-        None, description="redis://host:port/db of the prefix store; unset = start and own a "
-                          "local redis-server with its data under the cache dir")
+        None, description="redis://host:port/db of the prefix store, or redis+cluster://host:port[,host:port...] "
+                          "for a Redis Cluster; unset = start and own a local redis-server with its data under "
+                          "the cache dir")
+    redis_wait_replicas: int | None = Field(
+        None, ge=0, le=16, description="an upload, deletion, key change or job submission is acknowledged only once "
+                                       "this many replicas of its Redis master hold it (WAIT); unset = 1 on a "
+                                       "redis+cluster:// url, else 0")
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, le=1500, description="how long a write waits for those replicas before it is refused (503)")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="converted models, the owned redis data, the generated admin key")
 
@@ -105,6 +112,10 @@ class Settings(BaseSettings):
     train_mid_dim: int = Field(512, ge=1, description="hidden width of the MLP reparameterization")
     train_batch_size: int = Field(8, ge=1, description="examples per training step")
     worker_name: str | None = Field(None, description="this worker's name in the consumer group (default host-pid)")
+    worker_max_jobs: int = Field(
+        4, ge=1, le=64, description="jobs one worker holds at once; they take turns one training step at a time, "
+                                    "the tenant with the least worker time first (each keeps its optimizer state "
+                                    "in memory)")
     worker_nice: int = Field(0, ge=0, le=19, description="lower the worker's CPU priority (serve starts its own at 10)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads of the worker (default torch's)")
 
@@ -135,6 +146,12 @@ class Settings(BaseSettings):
                 f"host {self.host} is not a loopback address, so an admin key is required: "
                 "set PREFIX_SERVE_ADMIN_KEY or pass --admin-key")
 
+    def wait_replicas_for(self, redis_url: str) -> int:
+        """redis_wait_replicas, or its default for `redis_url` (1 for a cluster, else 0)."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if redis_url.split("://", 1)[0].endswith("+cluster") else 0
+
     @property
     def metrics_need_key(self) -> bool:
         """/metrics lists every tenant's traffic: it asks for a key unless it is on loopback."""
@@ -152,19 +169,22 @@ class Settings(BaseSettings):
 # --- CLI: one flag per field, generated so the two can never drift apart
 
 WORKER_FIELDS = {  # field -> the worker's older flag name, kept working
-    "model": None, "redis_url": None, "namespace": None, "train_dtype": "--dtype", "device": None,
-    "worker_name": "--consumer", "job_claim_timeout_s": "--claim-timeout", "job_max_attempts": "--max-attempts",
+    "model": None, "redis_url": None, "redis_wait_replicas": None, "redis_wait_timeout_ms": None,
+    "namespace": None, "train_dtype": "--dtype", "device": None,
+    "worker_name": "--consumer", "worker_max_jobs": None, "job_claim_timeout_s": "--claim-timeout",
+    "job_max_attempts": "--max-attempts",
     "train_mid_dim": "--mid-dim", "train_batch_size": "--batch-size", "torch_threads": "--threads",
     "worker_nice": "--nice", "cache_dir": None, "metrics_port": None, "metrics_host": "--metrics-addr",
     "log_level": None,
 }
 CLIENT_FIELDS = {"url": None, "api_key": "--key", "client_timeout_s": "--timeout"}
-SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url", "cache_dir", "model", "dtype",
+SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url", "redis_wait_replicas",
+                                         "redis_wait_timeout_ms", "cache_dir", "model", "dtype",
                                          "device", "kv_cache_bytes", "block_size", "max_num_seqs",
                                          "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s", "max_choices",
                                          "request_timeout_s", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
                                          "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
-                                         "max_jobs_per_tenant", "max_train_examples", "max_train_example_tokens",
+                                         "max_jobs_per_tenant", "worker_max_jobs", "max_train_examples", "max_train_example_tokens",
                                          "max_train_steps", "max_train_virtual_tokens", "job_claim_timeout_s",
                                          "job_max_attempts", "namespace", "metrics_key", "metrics_port",
                                          "metrics_host", "docs", "drain_timeout_s", "log_level")}

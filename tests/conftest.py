@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import settings
 
+from prefix_store.connection import make_client
 from prefix_store.redis_process import RedisServer
 from tests.api.harness import Stack, start_stack, tiny_tokenizer
+from prefix_store.redis_cluster import RedisClusterProcesses
 
 
 # Property tests write no example database into the checkout.
@@ -27,6 +30,33 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """One real Redis Cluster (3 masters, 1 replica each: six redis-servers) for the session,
+    started by the first test that asks. Tests that kill nodes start their own."""
+    cluster = RedisClusterProcesses().start()
+    yield cluster
+    cluster.close()
+
+
+@dataclass(frozen=True)
+class RedisBackend:
+    kind: str  # "redis" (one server) or "cluster"
+    url: str
+
+    def client(self):
+        """A client that looks behind the store's back (a RedisCluster on the cluster)."""
+        return make_client(self.url)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_backend(request) -> RedisBackend:
+    """Each test that takes it runs twice: on the session's redis-server and on its cluster."""
+    if request.param == "redis":
+        return RedisBackend("redis", request.getfixturevalue("redis_server").url)
+    return RedisBackend("cluster", request.getfixturevalue("redis_cluster").url)
 
 
 @pytest.fixture(scope="session")

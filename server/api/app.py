@@ -44,14 +44,21 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     ctx = ServerContext(settings=settings, engine=engine, store=store, resolver=resolver, auth=auth,
                         model_name=model_name)
     # Same Redis and namespace as the store: workers (`prefix-serve worker`) read this queue.
-    ctx.jobs = JobQueue(store.redis_url, store.keys.namespace, max_active_per_tenant=settings.max_jobs_per_tenant)
+    ctx.jobs = JobQueue(store.redis_url, store.keys.namespace, max_active_per_tenant=settings.max_jobs_per_tenant,
+                        wait_replicas=store.wait_replicas, wait_timeout_ms=store.wait_timeout_ms)
+
+    def on_reconnect() -> None:  # events published while we were away are lost
+        resolver.on_reconnect()
+        auth.forget_all()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         # Waits up to 2 s for Redis, then keeps retrying in the background: the server also
         # starts (and serves resident prefixes) while Redis is away.
-        subscription = await asyncio.to_thread(store.subscribe, resolver.on_event, resolver.on_reconnect)
+        subscription = await asyncio.to_thread(store.subscribe, resolver.on_event, on_reconnect,
+                                               on_tenant_event=auth.on_tenant_event)
+        auth.events_live = lambda: subscription.ready
         metrics_server = (ctx.metrics.serve_http(settings.metrics_port, settings.metrics_host)
                           if settings.metrics_port is not None else None)
         ctx.ready = True
@@ -60,6 +67,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
         finally:
             ctx.ready = False
             await engine.shutdown(settings.drain_timeout_s)
+            auth.events_live = lambda: False
             await asyncio.to_thread(subscription.close)
             ctx.jobs.close()
             if metrics_server is not None:

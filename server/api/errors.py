@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefix_store import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
+from prefix_store import (NotReplicatedError, StoreIntegrityError, StoreUnavailableError, TenantDeletedError,
+                          TenantExistsError)
 from prefix_store.job import TooManyJobsError
 from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable
 from server.engine.async_engine import EngineDeadError, QueueFullError
@@ -67,6 +68,8 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
     """The HTTP error of an exception the domain raises; None for anything else (a bug: 500)."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, NotReplicatedError):
+        return ApiError(503, str(e), "service_unavailable", _RETRY_SOON)
     if isinstance(e, StoreUnavailableError):
         return ApiError(503, "the prefix store (Redis) is unreachable; retry shortly", "service_unavailable",
                         _RETRY_SOON)

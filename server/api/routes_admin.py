@@ -1,4 +1,4 @@
-"""Admin routes (admin key only): create, list and delete tenants.
+"""Admin routes (admin key only): create, list and delete tenants, rotate a tenant's key.
 
 The admin key acts as the admin tenant (`admin_tenant`, default "admin"); that tenant's
 prefixes are shared read-only with every tenant as `shared/<id>`, so its id is reserved.
@@ -14,7 +14,7 @@ from server.prefix import shorten
 from server.api.auth import Caller, require_admin
 from server.api.context import get_ctx
 from server.api.errors import ApiError
-from server.api.schemas import CreateTenantRequest, CreateTenantResponse, TenantList
+from server.api.schemas import CreateTenantRequest, CreateTenantResponse, RotateKeyResponse, TenantList
 
 router = APIRouter(tags=["admin"])
 
@@ -47,3 +47,18 @@ async def delete_tenant(tenant_id: str, request: Request, _: Caller = Depends(re
     ctx.auth.forget(tenant_id)
     await asyncio.to_thread(ctx.jobs.delete_tenant, tenant_id)
     return Response(status_code=204)
+
+
+@router.post("/v1/admin/tenants/{tenant_id}/rotate-key", response_model=RotateKeyResponse)
+async def rotate_key(tenant_id: str, request: Request, _: Caller = Depends(require_admin)) -> RotateKeyResponse:
+    """A new key for the tenant, shown once. The old key stops working at once: here, and on
+    every other replica as soon as it hears the store's event (well within a second)."""
+    ctx = get_ctx(request)
+    if tenant_id == ctx.settings.admin_tenant:
+        raise ApiError(400, "the admin key is not stored: change it with --admin-key / PREFIX_SERVE_ADMIN_KEY "
+                            "and restart the servers")
+    api_key = await asyncio.to_thread(ctx.store.rotate_key, tenant_id)
+    if api_key is None:
+        raise ApiError(404, f"tenant {shorten(tenant_id)} not found", "not_found_error")
+    ctx.auth.forget(tenant_id)
+    return RotateKeyResponse(tenant_id=tenant_id, api_key=api_key)

@@ -253,7 +253,12 @@ class CreateTenantRequest(BaseModel):
 
 class CreateTenantResponse(BaseModel):
     tenant_id: str
-    api_key: str
+    api_key: str  # shown once: the store keeps only its sha256
+
+
+class RotateKeyResponse(BaseModel):
+    tenant_id: str
+    api_key: str  # the new key, shown once; the old one no longer works on any replica
 
 
 class TenantList(BaseModel):

@@ -83,6 +83,9 @@ def _start_workers(settings: Settings, redis_url: str, owns_redis: bool):
     args = ["--device", settings.device, "--cache-dir", str(settings.cache_dir), "--namespace", settings.namespace,
             "--job-claim-timeout-s", str(settings.job_claim_timeout_s),
             "--job-max-attempts", str(settings.job_max_attempts),
+            "--worker-max-jobs", str(settings.worker_max_jobs),
+            "--redis-wait-replicas", str(settings.wait_replicas_for(redis_url)),
+            "--redis-wait-timeout-ms", str(settings.redis_wait_timeout_ms),
             "--worker-nice", "10",  # serving latency first
             "--log-level", "error" if settings.log_level == "critical" else settings.log_level]
     if settings.model:
@@ -105,13 +108,19 @@ def _raise_stop(signum: int, _frame) -> None:
 def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     import uvicorn
 
-    from prefix_store import PrefixStore
+    from prefix_store import PrefixStore, StoreUnavailableError
     from server.api.app import create_app
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine_process import EngineProcessConfig
     from server.engine.model_loader import load_tokenizer, model_folder
 
-    store = PrefixStore(redis_url, namespace=settings.namespace)
+    try:
+        store = PrefixStore(redis_url, namespace=settings.namespace,
+                            wait_replicas=settings.wait_replicas_for(redis_url),
+                            wait_timeout_ms=settings.redis_wait_timeout_ms)
+    except StoreUnavailableError as e:  # a cluster is asked for its nodes at once
+        print(f"prefix-serve: {e}", file=sys.stderr)
+        return 1
     if not store.ping():
         print(f"prefix-serve: warning: Redis at {redis_url} does not answer yet; starting anyway", file=sys.stderr)
     # The model itself loads in the engine process (the step loop's own interpreter and

@@ -1,4 +1,5 @@
-"""`prefix-serve worker`: run personalization jobs from the Redis queue, one at a time.
+"""`prefix-serve worker`: run personalization jobs from the Redis queue, several tenants' jobs
+taking turns one training step at a time (server/training/turns.py).
 
     prefix-serve worker --redis-url redis://127.0.0.1:6379/0 [--model DIR]   (every flag: --help)
 
@@ -6,7 +7,7 @@ Start as many as you like (on any machine that reaches the Redis): they form one
 group, each job runs on one of them, and a job whose worker died is taken over by another
 after --claim-timeout seconds. Give it the server's --model: a job queued by a server with
 other weights fails with a message saying so. SIGTERM/SIGINT stop it after the current
-training step; an unfinished job goes back to the queue for another worker.
+training step; every unfinished job it holds goes back to the queue for another worker.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def _work(settings: Settings, stop: _StopFlag) -> int:
     loaded = load_model(settings.model, dtype=settings.train_dtype, device=settings.device, cache_dir=settings.cache_dir)
     if stop.count:  # a signal arrived while the model loaded
         return 0
+    durability = {"wait_replicas": settings.wait_replicas_for(settings.redis_url),
+                  "wait_timeout_ms": settings.redis_wait_timeout_ms}
     queue = JobQueue(settings.redis_url, settings.namespace, claim_timeout_s=settings.job_claim_timeout_s,
-                     max_attempts=settings.job_max_attempts)
-    store = PrefixStore(settings.redis_url, namespace=settings.namespace)
+                     max_attempts=settings.job_max_attempts, **durability)
+    store = PrefixStore(settings.redis_url, namespace=settings.namespace, **durability)
     config = WorkerConfig(consumer=consumer, mid_dim=settings.train_mid_dim, batch_size=settings.train_batch_size,
-                          heartbeat_s=min(5.0, settings.job_claim_timeout_s / 4))
+                          heartbeat_s=min(5.0, settings.job_claim_timeout_s / 4), max_jobs=settings.worker_max_jobs)
     worker = Worker(loaded.model, loaded.tokenizer, queue, store, config)
     if settings.metrics_port:
         from server.metrics import Metrics

@@ -4,16 +4,25 @@ It runs in its own process (`prefix-serve worker`), never in the serving loop, w
 own copy of the base model (float32 is fine for training; the server may serve another
 dtype of the same weights).
 
-    loop: job = queue.claim()
-          examples, task prefix (if any) <- the job's spec, the store
-          train_prefix(progress=lease.on_step)   # progress, loss, cancel, heartbeat
-          store.put(tenant, "user:<user_id>", kv)  # atomic: the old version serves until here
-          queue.finish(job, succeeded)
+    loop: job = queue.claim()                  # while busy too, up to max_jobs held at once
+          on a thread of its own, taking turns (turns.py) with the other jobs held:
+            examples, task prefix (if any) <- the job's spec, the store
+            train_prefix(progress=...)           # progress, loss, cancel, heartbeat, and at
+                                                 # every step the turn goes to the tenant owed it
+            store.put(tenant, "user:<user_id>", kv)  # atomic: the old version serves until here
+            queue.finish(job, succeeded)
 
 # NOTE: nothing is published unless the whole job ran and this worker still holds the
 # job's lease right before the put; a cancelled, failed, stopped or taken-over job
-# publishes nothing. A background thread heartbeats while a job runs, so a slow step
-# (or model work between steps) never makes a live worker look dead.
+# publishes nothing. A background thread heartbeats while a job runs or waits for its
+# turn, so a slow step (or a long wait) never makes a live worker look dead.
+#
+# Fair training: one tenant's long job (2,000 steps of ~20 s) must not hold the worker
+# while another tenant's 1-step job waits. The worker keeps claiming while busy, and its
+# jobs take turns one optimizer step at a time, least-served tenant first, each waiting
+# with its state in memory. A job held here is leased as before: if the worker is killed,
+# every job it held is taken over by another worker (from its start); on SIGTERM each is
+# given back to the queue.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from server.prefix import ModelSpec, model_fingerprint, user_prefix_id
 from server.training.data import tokenize
 from server.training.job_spec import BasePrefix, JobSpec
 from server.training.trainer import TrainConfig, train_prefix
+from server.training.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +58,9 @@ class WorkerConfig:
     batch_size: int = 8  # examples per step
     heartbeat_s: float = 5.0  # lease refresh while a job runs; well under the claim timeout
     progress_every_s: float = 0.25  # how often progress and loss are written
-    idle_block_ms: int = 1000  # how long one claim waits for a job
+    idle_block_ms: int = 1000  # how long one claim waits for a job (when none is held)
+    max_jobs: int = 4  # jobs held at once, taking turns (each keeps its optimizer state in memory)
+    busy_poll_s: float = 1.0  # while jobs are held: how often the queue is asked for another
 
 
 def serving_fingerprints(model: torch.nn.Module) -> set[str]:
@@ -79,48 +91,102 @@ class Worker:
         self.stop_requested = threading.Event()  # set by SIGTERM: finish the loop, give the job back
         # Called with (status, seconds) when this worker records a job's end (metrics).
         self.on_finished: Callable[[JobStatus, float], None] | None = None
-        self._job_started = 0.0
+        self.turns = Turns()
+        self._threads: dict[str, threading.Thread] = {}  # job id -> the thread running it
+        self._slot_free = threading.Event()  # a job thread ended
 
     def run(self) -> None:
-        log.info("worker %s: waiting for jobs", self.config.consumer)
+        """Claim and run jobs until stop_requested; then wait for the held jobs to give up."""
+        log.info("worker %s: waiting for jobs (up to %d at once)", self.config.consumer, self.config.max_jobs)
         while not self.stop_requested.is_set():
+            self._reap()
+            if len(self._threads) >= self.config.max_jobs:
+                self._wait(self.config.busy_poll_s)
+                continue
             try:
-                job = self.queue.claim(self.config.consumer, self.config.idle_block_ms)
-                if job is not None:
-                    self.run_job(job)
+                # idle: block on the queue (workers with nothing to do get new jobs first);
+                # busy: only look, then train on
+                job = self.queue.claim(self.config.consumer, 0 if self._threads else self.config.idle_block_ms)
             except StoreUnavailableError as e:
-                # The job (if any) stays pending; it is taken over once Redis is back.
+                # Held jobs train on; a claimed job's entry stays pending, taken over once Redis is back.
                 log.warning("worker %s: %s; retrying", self.config.consumer, e)
-                self.stop_requested.wait(1.0)
+                self._wait(1.0)
+                continue
+            if job is not None:
+                thread = threading.Thread(target=self.run_job, args=(job,), name=f"job-{job.job_id}", daemon=True)
+                self._threads[job.job_id] = thread
+                thread.start()
+            elif self._threads:
+                self._wait(self.config.busy_poll_s)
+        for thread in list(self._threads.values()):
+            thread.join()
+        self._reap()
         log.info("worker %s: stopped", self.config.consumer)
 
+    def _wait(self, seconds: float) -> None:
+        """Up to `seconds`, less if a job ends or a stop is asked for."""
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested.is_set() and not self._slot_free.is_set() and time.monotonic() < deadline:
+            self._slot_free.wait(min(0.1, seconds))
+        self._slot_free.clear()
+
+    def _reap(self) -> None:
+        for job_id, thread in list(self._threads.items()):
+            if not thread.is_alive():
+                del self._threads[job_id]
+
     def run_job(self, job: Job) -> JobStatus | None:
-        """Run one claimed job to its end; the status recorded (None: given back or lost)."""
+        """Run one claimed job to its end, taking turns with the worker's other jobs; the status
+        recorded (None: given back or lost)."""
+        try:
+            return self._run_job(job)
+        except StoreUnavailableError as e:
+            # The entry stays pending: another worker (or this one) takes it over once Redis is back.
+            log.warning("job %s: %s; left for a retry", job.job_id, e)
+            return None
+        finally:
+            self._slot_free.set()
+
+    def _run_job(self, job: Job) -> JobStatus | None:
         log.info("job %s (tenant %s, user %s): attempt %d", job.job_id, job.tenant, job.user_id, job.attempts)
-        self._job_started = time.monotonic()
+        started = time.monotonic()
         lease = _Lease(self.queue, job, self.config, self.stop_requested)
+
+        def should_stop() -> bool:
+            return lease.state != LeaseState.ACTIVE or self.stop_requested.is_set()
+
+        def on_step(step: int, total: int, loss: float) -> bool:
+            if not lease.on_step(step, total, loss) or step == total:
+                return lease.state == LeaseState.ACTIVE and not self.stop_requested.is_set()
+            return self.turns.yield_turn(job.job_id, should_stop)  # other tenants' jobs may go first
+
+        self.turns.join(job.job_id, job.tenant)
         try:
             try:
+                if not self.turns.acquire(job.job_id, should_stop):
+                    return self._give_up_unstarted(job, lease)
                 spec = JobSpec.from_dict(job.spec)
                 data, config, task_kv, description = self._plan(job, spec)
                 result = train_prefix(self.model, data, config, tokenizer=self.tokenizer, task_kv=task_kv,
-                                      progress=lease.on_step)
+                                      progress=on_step)
             finally:
+                self.turns.leave(job.job_id)
                 lease.close()
         except (JobError, ValueError, FloatingPointError) as e:
-            return self._finish(job, JobStatus.FAILED, error=str(e))
+            return self._finish(job, JobStatus.FAILED, error=str(e), started=started)
         except StoreUnavailableError:
             raise
         except Exception as e:  # a bug must not kill the worker: the job says what happened
             log.exception("job %s failed", job.job_id)
-            return self._finish(job, JobStatus.FAILED, error=f"internal error in the worker ({type(e).__name__}: {e})")
+            return self._finish(job, JobStatus.FAILED, error=f"internal error in the worker ({type(e).__name__}: {e})",
+                                started=started)
 
         state = lease.state if lease.state != LeaseState.ACTIVE else self.queue.heartbeat(job, self.config.consumer)
         if state == LeaseState.LOST:
             log.warning("job %s: another worker took it over; dropping this attempt", job.job_id)
             return None
         if state == LeaseState.CANCEL_REQUESTED:
-            return self._finish(job, JobStatus.CANCELLED)
+            return self._finish(job, JobStatus.CANCELLED, started=started)
         if result.cancelled:  # stopped by SIGTERM: another worker runs it again
             self.queue.release(job)
             log.info("job %s: given back to the queue", job.job_id)
@@ -133,16 +199,26 @@ class Worker:
                                        model_fingerprint=spec.model_fingerprint,
                                        description=description, incarnation=spec.tenant_incarnation)
         except TenantDeletedError as e:
-            return self._finish(job, JobStatus.FAILED, error=str(e))
-        return self._finish(job, JobStatus.SUCCEEDED, prefix_id=record.prefix_id, version=record.version)
+            return self._finish(job, JobStatus.FAILED, error=str(e), started=started)
+        return self._finish(job, JobStatus.SUCCEEDED, prefix_id=record.prefix_id, version=record.version,
+                            started=started)
 
-    def _finish(self, job: Job, status: JobStatus, **kw: Any) -> JobStatus | None:
+    def _give_up_unstarted(self, job: Job, lease: "_Lease") -> JobStatus | None:
+        """The job never got its turn: stopping (give it back), cancelled or taken over."""
+        if lease.state == LeaseState.CANCEL_REQUESTED:
+            return self._finish(job, JobStatus.CANCELLED, started=time.monotonic())
+        if lease.state == LeaseState.ACTIVE:
+            self.queue.release(job)
+            log.info("job %s: given back to the queue before it started", job.job_id)
+        return None
+
+    def _finish(self, job: Job, status: JobStatus, started: float, **kw: Any) -> JobStatus | None:
         if not self.queue.finish(job, status, **kw):
             log.warning("job %s: lease lost before it could be marked %s", job.job_id, status.value)
             return None
         log.info("job %s: %s%s", job.job_id, status.value, f" ({kw['error']})" if kw.get("error") else "")
         if self.on_finished is not None:
-            self.on_finished(status, time.monotonic() - self._job_started)
+            self.on_finished(status, time.monotonic() - started)
         return status
 
     def _plan(self, job: Job, spec: JobSpec):

@@ -172,7 +172,8 @@ def start_stack(redis_url: str, vocab: int, tokenizer, *, slow_step_s: float = 0
         # surely still running while the test acts on it.
         model.model.embed_tokens.register_forward_hook(lambda *_: time.sleep(slow_step_s))
     engine = AsyncEngine(LLMEngine(model, tokenizer, settings.engine_config()), max_waiting=settings.max_queue)
-    store = PrefixStore(redis_url, namespace=f"api-{uuid.uuid4().hex[:8]}")
+    store = PrefixStore(redis_url, namespace=f"api-{uuid.uuid4().hex[:8]}",
+                        wait_replicas=settings.wait_replicas_for(redis_url), wait_timeout_ms=settings.redis_wait_timeout_ms)
     app = create_app(settings, engine, store, model_name=MODEL_NAME)
     server = ServerThread(app).start()
     return Stack(server.url, server, engine, store, settings)

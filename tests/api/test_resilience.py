@@ -162,6 +162,20 @@ def test_redis_down_serves_resident_prefixes_and_recovers(vocab, tokenizer, adap
         redis.close()
 
 
+def test_a_write_no_replica_confirmed_is_a_503_that_says_so(redis_server, vocab, tokenizer, adapters):
+    """--redis-wait-replicas 1 on a Redis without replicas: nothing is acknowledged."""
+    stack = start_stack(redis_server.url, vocab, tokenizer, redis_wait_replicas=1, redis_wait_timeout_ms=50)
+    try:
+        with stack.client() as admin:
+            for r in (upload(admin, "unconfirmed", adapters[0].zip_bytes),
+                      admin.post("/v1/admin/tenants", json={"tenant_id": "unconfirmed"})):
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                assert "reached 0 of the 1 Redis replica(s) required within 50 ms" in r.json()["error"]["message"]
+            assert "rotate the tenant's key to get one" in r.json()["error"]["message"]  # the key is not shown
+    finally:
+        stack.stop()
+
+
 def test_shutdown_drains_running_requests(redis_server, vocab, tokenizer):
     stack = start_stack(redis_server.url, vocab, tokenizer, slow_step_s=0.01)
     key = stack.create_tenant("acme")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import openai
 import pytest
+import redis
 
 from tests.api.harness import ADMIN_KEY, upload
 
@@ -91,6 +94,35 @@ def test_admin_creates_lists_and_deletes_tenants(stack):
         assert admin.delete("/v1/admin/tenants/initech").status_code == 404
     with stack.client(key) as t:  # the key stops working at once on this server
         assert t.get("/v1/prefixes").status_code == 401
+
+
+def test_admin_rotates_a_tenants_key(stack, adapters):
+    with stack.client(ADMIN_KEY) as admin:
+        old = admin.post("/v1/admin/tenants", json={"tenant_id": "rotated"}).json()["api_key"]
+    with stack.client(old) as t:
+        assert upload(t, "kept", adapters[0].zip_bytes).status_code == 201
+        assert t.get("/v1/prefixes").status_code == 200  # remembered by the server now
+    with stack.client(old) as t:
+        r = t.post("/v1/admin/tenants/rotated/rotate-key")
+        assert r.status_code == 403  # only the admin rotates
+    with stack.client(ADMIN_KEY) as admin:
+        r = admin.post("/v1/admin/tenants/rotated/rotate-key")
+        assert r.status_code == 200, r.text
+        new = r.json()["api_key"]
+        assert r.json()["tenant_id"] == "rotated" and new != old and new.startswith("ps-")
+        assert admin.post("/v1/admin/tenants/nobody/rotate-key").status_code == 404
+        r = admin.post("/v1/admin/tenants/admin/rotate-key")
+        assert r.status_code == 400 and "PREFIX_SERVE_ADMIN_KEY" in r.json()["error"]["message"]
+    with stack.client(old) as t:
+        assert t.get("/v1/prefixes").status_code == 401
+    with stack.client(new) as t:  # same tenant: its prefixes stay
+        assert [p["id"] for p in t.get("/v1/prefixes").json()["data"]] == ["kept"]
+    # the store keeps hashes only: neither key appears in Redis
+    with redis.Redis.from_url(stack.store.redis_url) as raw:
+        directory = raw.hgetall(stack.store.keys.tenants()) | raw.hgetall(stack.store.keys.api_keys())
+    stored = b" ".join(k + b" " + v for k, v in directory.items())
+    assert old.encode() not in stored and new.encode() not in stored
+    assert hashlib.sha256(new.encode()).hexdigest().encode() in stored
 
 
 def test_every_error_is_json_with_type_and_message(stack, keys):

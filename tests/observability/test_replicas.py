@@ -100,6 +100,41 @@ def test_prefix_changes_through_one_replica_reach_the_other(replicas, vocab):
     assert body["error"]["type"] == "not_found_error"
 
 
+def wait_status(replica: ServerProcess, key: str, want: int, timeout: float = 5.0) -> tuple[int, float]:
+    """Ask `replica` with `key` until it answers `want` (bounded); (last status, seconds taken)."""
+    start = time.monotonic()
+    while True:
+        with replica.client(key) as c:
+            status = c.get("/v1/prefixes").status_code
+        elapsed = time.monotonic() - start
+        if status == want or elapsed > timeout:
+            return status, elapsed
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("revoke", ["rotate", "delete"])
+def test_a_revoked_key_stops_working_on_the_other_replica(replicas, revoke):
+    """B remembers a tenant key (30 s); rotated or deleted through A, it stops working on B
+    as soon as B hears the store's tenant event, not 30 s later."""
+    a, b = replicas
+    tenant = f"revoked-{revoke}"
+    with a.client() as c:
+        key = c.post("/v1/admin/tenants", json={"tenant_id": tenant}).json()["api_key"]
+    for _ in range(3):  # B has checked the key and remembers it
+        with b.client(key) as c:
+            assert c.get("/v1/prefixes").status_code == 200
+    with a.client() as c:
+        r = c.post(f"/v1/admin/tenants/{tenant}/rotate-key") if revoke == "rotate" else c.delete(
+            f"/v1/admin/tenants/{tenant}")
+        assert r.status_code in (200, 204), r.text
+    status, seconds = wait_status(b, key, 401)
+    assert status == 401, f"B still accepts the old key after {seconds:.1f} s:\n{b.log_tail()}"
+    print(f"old key refused by the other replica after {seconds * 1000:.0f} ms")
+    if revoke == "rotate":
+        with b.client(r.json()["api_key"]) as c:  # the new key works there at once
+            assert c.get("/v1/prefixes").status_code == 200
+
+
 def generate_counts(replicas: tuple[ServerProcess, ...]) -> list[float]:
     return [value(scrape(r.url), "prefix_serve_http_requests_total", route=route, status="200")
             for r in replicas for route in ("/v1/generate", "/v1/completions")]

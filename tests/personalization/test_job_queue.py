@@ -1,4 +1,5 @@
-"""JobQueue on a real redis-server: submit, tenant scoping, limits, leases, dead workers."""
+"""JobQueue on a real redis-server and a real Redis Cluster: submit, tenant scoping, limits,
+leases, dead workers."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ SPEC = {"examples": [{"prompt": "a", "completion": " b"}], "steps": 5}
 
 
 @pytest.fixture()
-def make_queue(redis_server):
+def make_queue(redis_backend):
     queues: list[JobQueue] = []
     namespace = unique_namespace()
 
     def make(**kw) -> JobQueue:
-        q = JobQueue(redis_server.url, namespace=namespace, **kw)
+        q = JobQueue(redis_backend.url, namespace=namespace, **kw)
         queues.append(q)
         return q
 
@@ -30,8 +31,8 @@ def make_queue(redis_server):
 
 
 @pytest.fixture()
-def raw(redis_server):
-    client = redis.Redis.from_url(redis_server.url)
+def raw(redis_backend):
+    client = redis_backend.client()
     yield client
     client.close()
 

@@ -160,13 +160,35 @@ def test_concurrent_jobs_per_tenant_are_limited(service, acme):
         assert c.get("/v1/prefixes/user:limit0").status_code == 404
 
 
-def test_a_killed_workers_job_is_finished_by_the_restarted_worker(service, acme):
-    with service.client(acme) as c:
+def test_another_tenants_short_job_runs_while_a_long_job_trains(service, acme):
+    """The issue's case through HTTP: acme's long job holds the only worker; umbrella's 1-step
+    job, queued after it, finishes while acme's job is still running (they take turns)."""
+    other = service.create_tenant("umbrella")
+    with service.client(acme) as a, service.client(other) as g:
+        long_id = submit(a, "eve", steps=LIMITS["--max-train-steps"])
+        wait_for(lambda: job(a, long_id)["progress"] > 0, 60, "the long job to start training", service)
+        short_id = submit(g, "fay", steps=1)
+        done = wait_for(lambda: (j := job(g, short_id))["status"] in FINISHED and j, 60, "the short job", service)
+        assert done["status"] == "succeeded", done
+        still = job(a, long_id)
+        assert still["status"] == "running" and still["step"] < still["steps"], still
+        assert a.delete(f"/v1/jobs/{long_id}").status_code == 202
+        wait_for(lambda: job(a, long_id)["status"] == "cancelled", 60, "the cancel", service)
+
+
+def test_a_killed_workers_jobs_are_finished_by_the_restarted_worker(service, acme):
+    """The worker holds two tenants' jobs (taking turns) when it is killed: both are taken
+    over and finished, and no partial prefix appears."""
+    other = service.create_tenant("hooli")
+    with service.client(acme) as c, service.client(other) as h:
         job_id = submit(c, "dee", steps=1500)
-        wait_for(lambda: job(c, job_id)["progress"] > 0, 60, "the job to start training", service)
+        other_id = submit(h, "gus", steps=300)
+        wait_for(lambda: job(c, job_id)["progress"] > 0 and job(h, other_id)["progress"] > 0, 60,
+                 "both jobs to start training", service)
         [pid] = [p for p in service.worker_pids() if is_worker(p)]
         os.kill(pid, signal.SIGKILL)
         assert job(c, job_id)["status"] == "running", "the job finished before the worker was killed"
+        assert job(h, other_id)["status"] == "running", "the job finished before the worker was killed"
 
         versions = set()
 
@@ -181,6 +203,8 @@ def test_a_killed_workers_job_is_finished_by_the_restarted_worker(service, acme)
         assert versions <= {j["version"]}, (versions, j["version"])
         assert j["step"] == 1500 and j["progress"] == 1.0
         assert c.get("/v1/prefixes/user:dee").json()["num_virtual_tokens"] == 10
+        g = wait_for(lambda: (g := job(h, other_id))["status"] in FINISHED and g, 120, "the other job", service)
+        assert g["status"] == "succeeded" and g["attempts"] == 2 and g["step"] == 300, g
     assert len(service.worker_pids()) == 2  # serve started a new worker
     assert f"(pid {pid}) exited with code -9" in service.log()
 

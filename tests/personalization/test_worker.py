@@ -1,8 +1,10 @@
-"""The worker on a real Redis: what it publishes (nothing, unless the whole job ran), how
-it refuses jobs it cannot run, and `prefix-serve worker` stopping on SIGTERM."""
+"""The worker on a real Redis (and a real Redis Cluster): what it publishes (nothing, unless
+the whole job ran), how it refuses jobs it cannot run, how its jobs take turns, and
+`prefix-serve worker` stopping on SIGTERM."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from prefix_store import PrefixStore
 from prefix_store.job import JobStatus
 from prefix_store.job_queue import JobQueue
 from server.prefix import model_fingerprint
+from server.training.turns import Turns
 from server.training.worker import Worker, WorkerConfig, serving_fingerprints
 from tests.personalization.conftest import ROOT, wait_for
 from tests.prefix_store.helpers import unique_namespace
@@ -30,11 +33,12 @@ def job_spec(fingerprint: str, steps: int = 5, base_prefix: dict | None = None) 
 
 
 @pytest.fixture()
-def parts(redis_server):
+def parts(redis_backend):
+    """A worker with its queue and store, on a single Redis and on a Redis Cluster."""
     namespace = unique_namespace()
     model = make_tiny_llama()
-    queue = JobQueue(redis_server.url, namespace)
-    store = PrefixStore(redis_server.url, namespace=namespace)
+    queue = JobQueue(redis_backend.url, namespace)
+    store = PrefixStore(redis_backend.url, namespace=namespace)
     worker = Worker(model, make_byte_tokenizer(), queue, store, WorkerConfig(consumer="w1", mid_dim=32))
     yield worker, queue, store, model_fingerprint(model)
     queue.close()
@@ -135,3 +139,39 @@ def test_worker_command_stops_on_sigterm_and_requeues_its_job(redis_server, tmp_
             proc.kill()
             proc.wait()
         queue.close()
+
+
+def test_a_long_job_yields_to_another_tenants_short_job_and_both_go_back_on_stop(parts):
+    """One worker, tenant acme's job of 100,000 steps running: globex's 3-step job, queued
+    behind it, gets its turn at acme's next step boundary and finishes while acme's job
+    still runs. On stop, every job the worker holds goes back to the queue."""
+    worker, queue, store, fingerprint = parts
+    worker.config = WorkerConfig(consumer="w1", mid_dim=32, idle_block_ms=50, busy_poll_s=0.05)
+    worker.turns = Turns(clock=itertools.count().__next__)  # every turn costs 1: count, not time
+    long_id = queue.submit("acme", "ada", job_spec(fingerprint, steps=100_000))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: queue.get("acme", long_id).step > 0, 60, "the long job to train")
+        short_id = queue.submit("globex", "bo", job_spec(fingerprint, steps=3))
+        wait_for(lambda: queue.get("globex", short_id).status.finished, 60, "the short job")
+        assert queue.get("globex", short_id).status == JobStatus.SUCCEEDED
+        long_job = queue.get("acme", long_id)
+        assert long_job.status == JobStatus.RUNNING and long_job.step < 100_000
+        # the turns: acme ran, globex's job came in (lifted to acme's count, and waiting
+        # longer), and from then on they alternated until globex's 3 steps were done
+        granted = list(worker.turns.granted)
+        first_short = granted.index(short_id)
+        assert granted[first_short - 1] == long_id
+        assert granted[first_short:first_short + 6] == [short_id, long_id] * 3
+        # another long job of a third tenant: the worker holds two jobs now
+        other_id = queue.submit("initech", "cy", job_spec(fingerprint, steps=100_000))
+        wait_for(lambda: queue.get("initech", other_id).step > 0, 60, "the third tenant's job to train")
+    finally:
+        worker.stop_requested.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    for tenant, job_id in (("acme", long_id), ("initech", other_id)):
+        job = queue.get(tenant, job_id)
+        assert (job.status, job.attempts) == (JobStatus.QUEUED, 0), job
+    assert store.get_record("acme", "user:ada") is None and store.get_record("initech", "user:cy") is None

@@ -15,16 +15,16 @@ def namespace() -> str:
 
 
 @pytest.fixture()
-def store(redis_server, namespace) -> Iterator[PrefixStore]:
-    """A store on the session Redis, alone in its own key namespace."""
-    s = PrefixStore(redis_server.url, namespace=namespace)
+def store(redis_backend, namespace) -> Iterator[PrefixStore]:
+    """A store alone in its own key namespace, on the session's Redis and on its Redis Cluster."""
+    s = PrefixStore(redis_backend.url, namespace=namespace)
     yield s
     s.close()
 
 
 @pytest.fixture()
-def raw(redis_server) -> Iterator[redis.Redis]:
-    """A plain client to look behind the store's back."""
-    client = redis.Redis.from_url(redis_server.url)
+def raw(redis_backend) -> Iterator[redis.Redis]:
+    """A client to look behind the store's back (on the same Redis or cluster as `store`)."""
+    client = redis_backend.client()
     yield client
     client.close()

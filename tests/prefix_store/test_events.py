@@ -50,12 +50,12 @@ def test_a_failing_callback_does_not_end_the_subscription(store):
     assert [e.prefix_id for e in got] == ["boom", "after"]
 
 
-def test_events_of_other_namespaces_are_not_delivered(store, redis_server):
+def test_events_of_other_namespaces_are_not_delivered(store, redis_backend):
     from prefix_store.store import PrefixStore
 
     events: queue.Queue = queue.Queue()
     sub = store.subscribe(events.put)
-    other = PrefixStore(redis_server.url, namespace=store.keys.namespace + "x")
+    other = PrefixStore(redis_backend.url, namespace=store.keys.namespace + "x")
     try:
         other.put("acme", "elsewhere", make_kv(0), model_fingerprint=FINGERPRINT)
         store.put("acme", "here", make_kv(1), model_fingerprint=FINGERPRINT)

@@ -141,12 +141,15 @@ def commands_seen_by_redis(raw, action) -> list[str]:
     return commands
 
 
-WRITES = ("SET ", "HSET ", "HDEL ", "EXPIRE ", "PUBLISH ", "DEL ", "UNLINK ")
+WRITES = ("SET ", "HSET ", "HDEL ", "EXPIRE ", "DEL ", "UNLINK ")
 
 
 @pytest.mark.parametrize("action", ["replace", "delete"])
-def test_every_change_reaches_redis_as_one_transaction(store, raw, action):
-    """Deterministic companion of the hammer test: no write ever runs outside MULTI/EXEC."""
+def test_every_change_reaches_redis_as_one_transaction(store, raw, action, redis_backend):
+    """Deterministic companion of the hammer test: no write ever runs outside MULTI/EXEC;
+    the event follows the EXEC (a Redis Cluster MULTI cannot carry PUBLISH)."""
+    if redis_backend.kind == "cluster":
+        pytest.skip("MONITOR watches one node; the transaction code is the same on the cluster")
     store.put("acme", "p", make_kv(0), model_fingerprint=FINGERPRINT)
     if action == "replace":
         run = lambda: store.put("acme", "p", make_kv(1), model_fingerprint=FINGERPRINT)  # noqa: E731
@@ -157,7 +160,7 @@ def test_every_change_reaches_redis_as_one_transaction(store, raw, action):
     assert writes, commands
     begin, end = commands.index("MULTI"), commands.index("EXEC")
     assert all(begin < i < end for i in writes), commands
-    assert any(c.startswith("PUBLISH ") for c in commands[begin:end])
+    assert commands[end + 1].startswith("PUBLISH "), commands
 
 
 def test_delete(store, raw):
