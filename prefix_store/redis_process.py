@@ -1,12 +1,18 @@
 """A redis-server child process that we start, own and stop (tests, and `serve`'s embedded mode).
 
-It listens on loopback only with protected mode on; a data directory holds its log and,
-with `appendonly=True`, its append-only file so that prefixes survive a restart.
+It listens on loopback only with protected mode on; a data directory holds its log, its
+pid file and, with `appendonly=True`, its append-only file so that prefixes survive a
+restart. The append-only file is fsynced before every reply (`appendfsync always`): a write
+that Redis acknowledged (an upload, a tenant, a job's state) survives a crash of Redis or of
+the machine. A redis-server left running on the same data directory by an owner that was
+killed is stopped before a new one starts, so two never write one append-only file.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -47,6 +53,10 @@ class RedisServer:
         return self.datadir / "redis.log"
 
     @property
+    def pid_path(self) -> Path:
+        return self.datadir / "redis.pid"
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -60,6 +70,8 @@ class RedisServer:
             "--dir", str(self.datadir), "--logfile", str(self.log_path), "--daemonize", "no",
             "--save", "",  # no RDB snapshots: the append-only file (if on) is the durability
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",  # on disk before the reply (writes here are few: uploads, jobs)
+            "--pidfile", str(self.pid_path),
             # a prefix whose tensor was evicted would be metadata without its tensor
             "--maxmemory-policy", "noeviction",
         ]
@@ -68,6 +80,7 @@ class RedisServer:
         if self.running:
             return self
         self.datadir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.start_timeout
@@ -108,6 +121,23 @@ class RedisServer:
                 proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+    def _stop_leftover(self, timeout: float = 30.0) -> None:
+        """Stop a redis-server that still runs on our data directory (its owner was killed)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = Path(f"/proc/{pid}/cwd").resolve()  # redis-server chdirs into --dir
+        except (OSError, ValueError):
+            return  # no pid file, no such process, or no /proc to ask
+        if b"redis-server" not in cmdline or cwd != self.datadir.resolve():
+            return  # the pid was reused by another process
+        os.kill(pid, signal.SIGTERM)  # Redis flushes its append-only file and exits
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop, and remove the data directory if this object created it."""

@@ -15,12 +15,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from prefix_store import PrefixStore
+from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
 from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
                         routes_prefixes)
+from server.api.audit import AuditMiddleware
 from server.api.auth import Authenticator
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.context import ServerContext
+from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
@@ -45,6 +48,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
                         model_name=model_name)
     # Same Redis and namespace as the store: workers (`prefix-serve worker`) read this queue.
     ctx.jobs = JobQueue(store.redis_url, store.keys.namespace, max_active_per_tenant=settings.max_jobs_per_tenant)
+    ctx.audit = AuditLog(store.redis_url, store.keys.namespace)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -62,6 +66,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
             await engine.shutdown(settings.drain_timeout_s)
             await asyncio.to_thread(subscription.close)
             ctx.jobs.close()
+            ctx.audit.close()
             if metrics_server is not None:
                 metrics_server[0].shutdown()
 
@@ -73,8 +78,10 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     for module in (routes_generate, routes_openai, routes_prefixes, routes_personalize, routes_admin,
                    routes_ops):
         app.include_router(module.router)
+    app.add_middleware(AuditMiddleware, audit=ctx.audit, admin_tenant=settings.admin_tenant)  # innermost
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(DrainMiddleware, drain=ctx.drain, retry_after_s=settings.retry_after_s)
     # snapshot sources are read at scrape time; added last = outermost, so 413s count too
     ctx.metrics.watch_engine(engine.stats, lambda: engine.num_waiting)
     ctx.metrics.watch_host_cache(resolver.cache)

@@ -107,6 +107,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
 
     from prefix_store import PrefixStore
     from server.api.app import create_app
+    from server.commands.draining_server import DrainingServer
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine_process import EngineProcessConfig
     from server.engine.model_loader import load_tokenizer, model_folder
@@ -134,7 +135,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     try:
-        uvicorn.Server(config).run()
+        DrainingServer(config, app.state.ctx.drain, settings.drain_timeout_s).run()
     finally:
         store.close()
     return 0
