@@ -74,7 +74,7 @@ class Serve:
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
 
-    def start(self, timeout: float = 120.0) -> "Serve":
+    def start(self, timeout: float = 300.0) -> "Serve":
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
         env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
