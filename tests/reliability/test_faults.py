@@ -274,3 +274,40 @@ def test_restarts_graceful_and_by_sigkill_lose_nothing_acknowledged(workdir):
                           "jobs_finished": len(state["finished"]), "lost": 0}))
     finally:
         serve.close()
+
+
+def test_serve_killed_alone_leaves_no_orphan_and_the_next_one_takes_over_its_data(workdir):
+    # SIGKILL of the serve process only (say, the OOM killer): its engine process and its
+    # workers must not live on, and its redis-server (a session of its own) must not keep
+    # writing the append-only file that the next serve's redis-server loads.
+    serve = Serve(workdir, "--workers", "1").start()
+    try:
+        key = serve.create_tenant("acme")
+        with serve.client(key) as c:
+            r = c.put("/v1/prefixes/kept", files={"file": ("p.safetensors", random_prefix(11))})
+            assert r.status_code == 201
+            version, tokens = r.json()["version"], tokens_of(c, generate_body("kept"))
+        wait_for(lambda: serve.worker_pids(), 120, "the worker to start", serve)
+        children, old_redis = serve.descendants(), serve.redis_pid()
+        assert len(children) >= 2  # the engine process and the worker
+        os.kill(serve.pid, signal.SIGKILL)
+        serve.proc.wait(30)
+        for pid in children:
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 60, f"child {pid} to exit")
+        assert os.path.exists(f"/proc/{old_redis}")  # the orphan, until the next serve stops it
+        serve = Serve(workdir, "--workers", "1").start()
+        assert serve.redis_pid() != old_redis
+        wait_for(lambda: not os.path.exists(f"/proc/{old_redis}") or _zombie(old_redis), 60, "the old redis to stop")
+        with serve.client(key) as c:
+            assert c.get("/v1/prefixes/kept").json()["version"] == version
+            assert tokens_of(c, generate_body("kept")) == tokens
+    finally:
+        serve.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
