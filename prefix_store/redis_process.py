@@ -1,19 +1,30 @@
 """A redis-server child process that we start, own and stop (tests, and `serve`'s embedded mode).
 
-It listens on loopback only with protected mode on; a data directory holds its log and,
-with `appendonly=True`, its append-only file so that prefixes survive a restart.
+It listens on loopback only with protected mode on; a data directory holds its log, its
+pid file and, with `appendonly=True`, its append-only file so that prefixes survive a
+restart. The append-only file is fsynced before every reply (`appendfsync always`): a write
+that Redis acknowledged (an upload, a tenant, a job's state) survives a crash of Redis or of
+the machine. A redis-server left running on the same data directory by an owner that was
+killed is stopped before a new one starts, so two never write one append-only file.
+`keep_running()` restarts it (same port, same data) whenever it exits, until `stop()`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import logging
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import redis
+
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,6 +48,10 @@ class RedisServer:
         self.executable = executable
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # start/stop against the keep_running thread
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.restarts = 0
 
     @property
     def url(self) -> str:
@@ -45,6 +60,10 @@ class RedisServer:
     @property
     def log_path(self) -> Path:
         return self.datadir / "redis.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.datadir / "redis.pid"
 
     @property
     def running(self) -> bool:
@@ -60,14 +79,45 @@ class RedisServer:
             "--dir", str(self.datadir), "--logfile", str(self.log_path), "--daemonize", "no",
             "--save", "",  # no RDB snapshots: the append-only file (if on) is the durability
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",  # on disk before the reply (writes here are few: uploads, jobs)
+            "--pidfile", str(self.pid_path),
             # a prefix whose tensor was evicted would be metadata without its tensor
             "--maxmemory-policy", "noeviction",
         ]
 
+    def keep_running(self, poll_s: float = 0.5) -> "RedisServer":
+        """Start redis-server again whenever it exits (killed, crashed), until stop()."""
+        def watch() -> None:
+            delay = poll_s
+            while not self._stop_watching.wait(delay):
+                with self._lock:
+                    if self._stop_watching.is_set() or self.running:
+                        delay = poll_s
+                        continue
+                    code = self._proc.returncode if self._proc is not None else None
+                    log.warning("redis-server on port %d exited (code %s); starting it again", self.port, code)
+                    try:
+                        self.start()
+                        self.restarts += 1
+                        delay = poll_s
+                    except (RuntimeError, OSError) as e:
+                        log.error("could not restart redis-server: %s", e)
+                        delay = min(10.0, 2 * delay)
+
+        self._stop_watching.clear()
+        self._watcher = threading.Thread(target=watch, name=f"redis-{self.port}-watch", daemon=True)
+        self._watcher.start()
+        return self
+
     def start(self) -> "RedisServer":
+        with self._lock:
+            return self._start()
+
+    def _start(self) -> "RedisServer":
         if self.running:
             return self
         self.datadir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.start_timeout
@@ -87,7 +137,7 @@ class RedisServer:
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass  # not listening yet (or still loading the append-only file)
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self._stop()
                     raise RuntimeError(f"redis-server on port {self.port} did not answer PING within "
                                        f"{self.start_timeout:.0f} s. {self._log_tail()}")
                 time.sleep(0.02)
@@ -96,6 +146,14 @@ class RedisServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis then flushes its append-only file), SIGKILL after `timeout` s."""
+        self._stop_watching.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+            self._watcher = None
+        with self._lock:
+            self._stop()
+
+    def _stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -108,6 +166,23 @@ class RedisServer:
                 proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+    def _stop_leftover(self, timeout: float = 30.0) -> None:
+        """Stop a redis-server that still runs on our data directory (its owner was killed)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = Path(f"/proc/{pid}/cwd").resolve()  # redis-server chdirs into --dir
+        except (OSError, ValueError):
+            return  # no pid file, no such process, or no /proc to ask
+        if b"redis-server" not in cmdline or cwd != self.datadir.resolve():
+            return  # the pid was reused by another process
+        os.kill(pid, signal.SIGTERM)  # Redis flushes its append-only file and exits
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop, and remove the data directory if this object created it."""

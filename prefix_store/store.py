@@ -291,6 +291,21 @@ class PrefixStore:
         sub.wait_ready(wait_s)
         return sub
 
+    def durability(self) -> str | None:
+        """What in the Redis configuration can lose an acknowledged write ("appendfsync is
+        everysec"); None when every write is on disk before the reply, or when the server does
+        not let us read its configuration (managed services rename CONFIG)."""
+        try:
+            with self._guard():
+                config = self._r.config_get("append*")
+        except (StoreUnavailableError, redis.RedisError):
+            return None
+        if config.get("appendonly") != "yes":
+            return "runs without an append-only file (appendonly no)"
+        if config.get("appendfsync") != "always":
+            return f"fsyncs its append-only file {config.get('appendfsync')!r}, not on every write"
+        return None
+
     def ping(self) -> bool:
         try:
             with self._guard():

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429")
     max_choices: int = Field(64, ge=1, description="sequences one request may ask for: prompts x max(n, best_of)")
     request_timeout_s: float = Field(600.0, gt=0, description="a generation running longer is aborted (504)")
+    max_output_tokens: int | None = Field(
+        None, gt=0, description="the most tokens one request may generate (a larger max_tokens is a 400, and a chat "
+                                "request without max_tokens gets at most this many); unset = up to the context")
     max_body_bytes: int = Field(4 * MiB, gt=0, description="largest JSON request body")
     max_upload_bytes: int = Field(256 * MiB, gt=0, description="largest prefix upload body")
     max_prefix_bytes: int = Field(128 * MiB, gt=0, description="largest prefix tensor (and zip member)")
@@ -182,8 +185,8 @@ SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url
                                          "redis_wait_timeout_ms", "cache_dir", "model", "dtype",
                                          "device", "kv_cache_bytes", "block_size", "max_num_seqs",
                                          "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s", "max_choices",
-                                         "request_timeout_s", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
-                                         "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
+                                         "request_timeout_s", "max_output_tokens", "max_body_bytes", "max_upload_bytes",
+                                         "max_prefix_bytes", "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
                                          "max_jobs_per_tenant", "worker_max_jobs", "max_train_examples", "max_train_example_tokens",
                                          "max_train_steps", "max_train_virtual_tokens", "job_claim_timeout_s",
                                          "job_max_attempts", "namespace", "metrics_key", "metrics_port",

@@ -15,12 +15,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from prefix_store import PrefixStore
+from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
 from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
                         routes_prefixes, routes_tokenize)
+from server.api.audit import AuditMiddleware
 from server.api.auth import Authenticator
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.context import ServerContext
+from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
@@ -46,6 +49,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     # Same Redis and namespace as the store: workers (`prefix-serve worker`) read this queue.
     ctx.jobs = JobQueue(store.redis_url, store.keys.namespace, max_active_per_tenant=settings.max_jobs_per_tenant,
                         wait_replicas=store.wait_replicas, wait_timeout_ms=store.wait_timeout_ms)
+    ctx.audit = AuditLog(store.redis_url, store.keys.namespace)
 
     def on_reconnect() -> None:  # events published while we were away are lost
         resolver.on_reconnect()
@@ -70,6 +74,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
             auth.events_live = lambda: False
             await asyncio.to_thread(subscription.close)
             ctx.jobs.close()
+            ctx.audit.close()
             if metrics_server is not None:
                 metrics_server[0].shutdown()
 
@@ -81,8 +86,10 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     for module in (routes_generate, routes_openai, routes_tokenize, routes_prefixes, routes_personalize,
                    routes_admin, routes_ops):
         app.include_router(module.router)
+    app.add_middleware(AuditMiddleware, audit=ctx.audit, admin_tenant=settings.admin_tenant)  # innermost
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(DrainMiddleware, drain=ctx.drain, retry_after_s=settings.retry_after_s)
     # snapshot sources are read at scrape time; added last = outermost, so 413s count too
     ctx.metrics.watch_engine(engine.stats, lambda: engine.num_waiting)
     ctx.metrics.watch_host_cache(resolver.cache)

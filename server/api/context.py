@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from prefix_store import PrefixStore
+from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
 from server.api.auth import Authenticator
+from server.api.drain import Drain
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
@@ -28,6 +30,8 @@ class ServerContext:
     ready: bool = False  # set once the engine loop runs (lifespan)
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
     jobs: JobQueue | None = None  # personalization jobs (routes_personalize)
+    audit: AuditLog | None = None  # admin actions (server/api/audit.py, GET /v1/admin/audit)
+    drain: Drain = field(default_factory=Drain)  # SIGTERM: finish what runs, 503 to new requests
 
     @property
     def spec(self):

@@ -88,11 +88,16 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
     prefix = await ctx.resolver.resolve(caller.tenant, names)
     used = [PrefixUsed(id=n, version=r.version) for n, r in zip(names, prefix.refs, strict=True)] if prefix else []
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    limit = ctx.settings.max_output_tokens
+    if max_tokens is not None and limit is not None and max_tokens > limit:
+        raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {limit} tokens per request "
+                            "(max_output_tokens)")
     jobs = []
     for i, prompt_ids in enumerate(inputs):
         tokens = max_tokens
-        if tokens is None:  # fill the context (OpenAI chat's default)
+        if tokens is None:  # fill the context (OpenAI chat's default), up to the server's limit
             tokens = max(1, ctx.spec.max_model_len - len(prompt_ids) - (prefix.length if prefix else 0))
+            tokens = min(tokens, limit) if limit is not None else tokens
         try:
             sampling = SamplingParams(max_tokens=tokens, temperature=fields.temperature, top_p=fields.top_p,
                                       top_k=fields.top_k, seed=fields.seed, stop=fields.stop_strings(),
@@ -123,11 +128,24 @@ async def encode(ctx: ServerContext, prompt: str | list[int] | None, messages: l
             chat = [ChatMessage(m.role, m.text()) for m in messages]
         except ValueError as e:
             raise ApiError(400, str(e)) from e
+        for index, m in enumerate(chat):
+            check_text(m.content, f"messages[{index}].content")
         size = sum(len(m.content) for m in chat)
         work = functools.partial(render_chat, tok, chat, add_generation_prompt)
     else:
+        check_text(prompt or "", "prompt")
         size, work = len(prompt or ""), functools.partial(encode_text, tok, prompt or "", parse_special_tokens)
     return work() if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(work)
+
+
+def check_text(text: str, what: str) -> None:
+    """400 for text that is not Unicode: JSON may escape a lone surrogate (\\ud800), which
+    Python keeps in a str and every tokenizer refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{what} is not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                            f"character {e.start}") from None
 
 
 # --- running

@@ -1,16 +1,21 @@
-"""Admin routes (admin key only): create, list and delete tenants, rotate a tenant's key.
+"""Admin routes (admin key only): create, list and delete tenants, rotate a tenant's key, read
+the audit log.
 
 The admin key acts as the admin tenant (`admin_tenant`, default "admin"); that tenant's
 prefixes are shared read-only with every tenant as `shared/<id>`, so its id is reserved.
+Every request to these routes is recorded in the audit log (server/api/audit.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel
 
 from server.prefix import shorten
+from server.api.audit import TARGET_STATE_KEY
 from server.api.auth import Caller, require_admin
 from server.api.context import get_ctx
 from server.api.errors import ApiError
@@ -23,6 +28,7 @@ router = APIRouter(tags=["admin"])
 async def create_tenant(body: CreateTenantRequest, request: Request,
                         _: Caller = Depends(require_admin)) -> CreateTenantResponse:
     ctx = get_ctx(request)
+    setattr(request.state, TARGET_STATE_KEY, body.tenant_id[:64])
     if body.tenant_id == ctx.settings.admin_tenant:
         raise ApiError(409, f"tenant id {body.tenant_id!r} is reserved for the admin key", "conflict_error")
     api_key = await asyncio.to_thread(ctx.store.create_tenant, body.tenant_id)
@@ -62,3 +68,33 @@ async def rotate_key(tenant_id: str, request: Request, _: Caller = Depends(requi
         raise ApiError(404, f"tenant {shorten(tenant_id)} not found", "not_found_error")
     ctx.auth.forget(tenant_id)
     return RotateKeyResponse(tenant_id=tenant_id, api_key=api_key)
+
+class AuditRecord(BaseModel):
+    id: str  # pass as `before` to read older entries
+    time: float
+    actor: str  # "admin", a tenant id, or "" for no valid key
+    key_id: str  # first 12 hex digits of the key's sha256
+    action: str
+    target: str
+    status: int
+    client: str
+
+
+class AuditList(BaseModel):
+    data: list[AuditRecord]  # newest first
+    next: str | None  # `before` for the next page; null at the end
+
+
+_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+@router.get("/v1/admin/audit", response_model=AuditList)
+async def read_audit(request: Request, limit: int = Query(100, ge=1, le=1000),
+                     before: str | None = Query(None, description="an entry id: only older entries"),
+                     _: Caller = Depends(require_admin)) -> AuditList:
+    """Admin actions, newest first (this read is recorded once it is answered)."""
+    if before is not None and not _ENTRY_ID.fullmatch(before):
+        raise ApiError(400, f"before must be an entry id such as 1700000000000-0, got {shorten(before)}")
+    entries = await asyncio.to_thread(get_ctx(request).audit.read, limit, before)
+    return AuditList(data=[AuditRecord(**e.__dict__) for e in entries],
+                     next=entries[-1].id if len(entries) == limit else None)

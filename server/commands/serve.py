@@ -1,7 +1,8 @@
 """`prefix-serve serve`: the HTTP server on the embedded default, or on what the flags say.
 
 With no --redis-url it starts and owns a local redis-server (loopback only, append-only
-file on, data under <cache_dir>/redis) and stops it on exit. On a loopback address with no
+file fsynced before every reply, data under <cache_dir>/redis), starts it again if it
+dies, and stops it on exit; a Redis given by --redis-url that persists less is warned about. On a loopback address with no
 admin key it uses the one saved in <cache_dir>/admin_key (making one the first time), so
 `prefix-serve upload` on the same machine finds it. SIGINT/SIGTERM drain running requests.
 With its own Redis (or --workers N) it also runs personalization training workers as child
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             from prefix_store import RedisServer
 
             redis_server = RedisServer(port=None, datadir=settings.cache_dir / "redis", appendonly=True)
-            redis_server.start()
+            redis_server.start().keep_running()  # started again if it dies
             redis_url = redis_server.url
             print(f"prefix-serve: started redis-server at {redis_url} (data in {redis_server.datadir})", flush=True)
         supervisor = _start_workers(settings, redis_url, owns_redis=redis_server is not None)
@@ -110,6 +111,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
 
     from prefix_store import PrefixStore, StoreUnavailableError
     from server.api.app import create_app
+    from server.commands.draining_server import DrainingServer
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine_process import EngineProcessConfig
     from server.engine.model_loader import load_tokenizer, model_folder
@@ -123,6 +125,9 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
         return 1
     if not store.ping():
         print(f"prefix-serve: warning: Redis at {redis_url} does not answer yet; starting anyway", file=sys.stderr)
+    elif (durability := store.durability()) is not None:
+        print(f"prefix-serve: warning: Redis {durability}: an acknowledged upload, tenant or job may be lost "
+              "in a crash (set appendonly yes and appendfsync always)", file=sys.stderr)
     # The model itself loads in the engine process (the step loop's own interpreter and
     # main thread); this process tokenizes, resolves prefixes and speaks HTTP.
     folder, name = model_folder(settings.model, settings.cache_dir)
@@ -143,7 +148,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     try:
-        uvicorn.Server(config).run()
+        DrainingServer(config, app.state.ctx.drain, settings.drain_timeout_s).run()
     finally:
         store.close()
     return 0

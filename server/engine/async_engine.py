@@ -240,7 +240,11 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self._stats.num_waiting + self._sent_since_batch
+        """Requests that wait for a slot: those waiting at the last step, and those sent since,
+        less the slots free at the last step (requests sent into free slots run at the next
+        step: when a whole batch finishes at once, its clients' next requests do not wait)."""
+        free = 0 if self.limits is None else max(0, self.limits.max_num_seqs - self._stats.num_running)
+        return max(0, self._stats.num_waiting + self._sent_since_batch - free)
 
     def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = ()) -> Prefix:
         """Check kv [L, 2, Hkv, P, hd] against the engine's model (once); a host copy in its dtype."""

@@ -52,7 +52,7 @@ class LLMEngine:
         self._stats = EngineStats()
         self.limits = EngineLimits(spec=self.spec, vocab_size=int(model.config.vocab_size),
                                    num_blocks=num_blocks, block_size=config.block_size,
-                                   has_tokenizer=tokenizer is not None)
+                                   has_tokenizer=tokenizer is not None, max_num_seqs=config.max_num_seqs)
 
     # ---- requests -------------------------------------------------------------------
 

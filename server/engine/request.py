@@ -28,6 +28,7 @@ class EngineLimits:
     num_blocks: int  # KV pool
     block_size: int
     has_tokenizer: bool
+    max_num_seqs: int = 0  # requests running at once (0: unknown); admission counts only what waits beyond it
 
 
 def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: SamplingParams,

@@ -3,7 +3,8 @@
 Each is a plain `prefix-serve worker` child (its own process: training never shares the
 serving process's interpreter or CPU time slices with the engine loop). A worker that dies
 is started again after a short delay that grows while it keeps dying early (a broken
-model path must not become a fork loop); its job is taken over through the queue.
+model path must not become a fork loop); its job is taken over through the queue. A worker
+gets SIGTERM when serve dies, even by SIGKILL (Linux), so none trains on as an orphan.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class WorkerSupervisor:
                 proc.wait()
 
     def _spawn(self, index: int) -> None:
-        proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, env=self.env)
+        proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
         with self._lock:
             self._procs[index] = proc
             self._started_at[index] = time.monotonic()
@@ -95,3 +96,17 @@ class WorkerSupervisor:
                 if proc is None and time.monotonic() >= self._next_start[index] and not self._stopping.is_set():
                     self.restarts += 1
                     self._spawn(index)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started us dies (Linux prctl
+    PR_SET_PDEATHSIG; the supervisor's thread lives as long as serve). Elsewhere, nothing."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass

@@ -120,6 +120,27 @@ def test_queue_full_and_bad_requests_raise_in_the_caller():
     assert not engine.has_unfinished()
 
 
+def test_requests_sent_into_free_slots_are_not_counted_as_waiting():
+    # After a step that finished a whole batch every slot is free: the next max_num_seqs
+    # requests will run at the next step and must not be refused as if they waited.
+    engine = make_engine(tiny_llama(), num_blocks=64, max_num_seqs=2)
+
+    async def main():
+        aeng = AsyncEngine(engine, max_waiting=1)  # not started: no step runs, nothing is taken off
+        gens = [aeng.generate(f"r{i}", [5, 6], SamplingParams(max_tokens=2)) for i in range(4)]
+        pending = [asyncio.ensure_future(g.__anext__()) for g in gens[:3]]
+        await asyncio.sleep(0.01)  # all three sent: two into the free slots, one waits
+        assert not any(task.done() for task in pending), [t.exception() for t in pending if t.done()]
+        assert aeng.num_waiting == 1
+        with pytest.raises(QueueFullError):
+            await gens[3].__anext__()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama saved as a HF folder, for an engine process to load."""
