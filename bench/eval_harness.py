@@ -70,7 +70,7 @@ def evaluate(url: str, key: str, model: str, task_folder: Path, name: str = TASK
     return simple_evaluate(
         model="local-completions",
         model_args={"base_url": f"{url}/v1/completions", "model": model, "tokenizer_backend": "remote",
-                    "auth_token": key, "num_concurrent": 4, "max_retries": 1, "timeout": 600},
+                    "auth_token": key, "num_concurrent": 2, "batch_size": 16, "max_retries": 1, "timeout": 600},
         tasks=[name], task_manager=TaskManager(include_path=str(task_folder)), limit=limit,
         log_samples=log_samples, bootstrap_iters=0)
 

@@ -277,7 +277,9 @@ async def run(url: str, key: str, load: Load, server_pid: int | None, *, max_num
     clients = max(1, min(2 * max_num_seqs, max_num_seqs + max_queue // 2))  # busy, never refused
     capacity = await measure_capacity(url, key, load, clients, capacity_requests or 10 * clients)
     rate = factor * capacity["requests_per_s"]
-    bound = 4 * (max_num_seqs + max_queue) + 16
+    # this client's own bound: 4 s of arrivals, so on a slow or busy machine it is the server's
+    # admission (429 at once), not this bound, that limits what is in flight
+    bound = max(4 * (max_num_seqs + max_queue) + 16, int(4 * rate))
     figures, outcomes = await overload(url, key, load, rate, duration_s, bound, server_pid)
     return {"capacity": capacity, "factor": factor, "overload": figures,
             "alone_check": await check_alone(url, key, outcomes)}

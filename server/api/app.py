@@ -79,7 +79,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
                 metrics_server[0].shutdown()
 
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="prefix-serve", version="1", lifespan=lifespan,
+    # redirect_slashes off: "/v1/prefixes/" (an empty id) is a 404, not a redirect to another route
+    app = FastAPI(title="prefix-serve", version="1", lifespan=lifespan, redirect_slashes=False,
                   description="Multi-tenant serving of prefix-tuned language models.", **docs)
     app.state.ctx = ctx
     install_error_handlers(app)

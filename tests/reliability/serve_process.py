@@ -127,8 +127,8 @@ class Serve:
         return [int(p) for p in re.findall(r"training worker \d+ started \(pid (\d+)\)", self.log())]
 
     def descendants(self) -> list[int]:
-        """Every process below serve (engine process, workers; not the redis-server, which runs
-        in a session of its own)."""
+        """Every process below serve: the engine process, workers, and the redis-server it owns
+        (in a session of its own, so a Ctrl-C meant for serve does not reach it)."""
         found, todo = [], [self.pid]
         while todo:
             pid = todo.pop()
