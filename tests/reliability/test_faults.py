@@ -161,7 +161,10 @@ def test_sigterm_mid_load_finishes_admitted_requests_refuses_new_ones_then_exits
         threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(6)]
         for t in threads:
             t.start()
-        wait_for(lambda: results[0] or any(results), 60, "the first tokens", serve)
+        wait_for(lambda: any(results), 60, "the first tokens", serve)
+        with serve.client(key) as c:  # all six admitted: one running, five waiting for its slot
+            wait_for(lambda: _gauge(c.get("/metrics").text, "prefix_serve_num_requests_waiting") == 5, 60,
+                     "the other five requests to be admitted", serve)
         serve.proc.send_signal(signal.SIGTERM)
         with serve.client(key) as c:
             # the drain is on once /ready says so (not before: a request sent earlier is admitted)
@@ -305,6 +308,13 @@ def test_serve_killed_alone_leaves_no_orphan_and_the_next_one_takes_over_its_dat
             assert tokens_of(c, generate_body("kept")) == tokens
     finally:
         serve.close()
+
+
+def _gauge(exposition: str, name: str) -> float | None:
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
 
 
 def _cmdline(pid: int) -> str:
