@@ -8,6 +8,9 @@ key hashes share the tag `{tenants}` for the same reason.
     ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv
     ps:{t:acme}:incarnation                      string  the tenant's incarnation id, or the
                                                          tombstone "deleting" / "deleted"
+    ps:{t:acme}:usage                            hash  bytes, prefixes: what the tenant stores
+    ps:{t:acme}:inflight                         zset  request id -> lease expiry (queue cap)
+    ps:{t:acme}:bucket                           hash  tokens, ts: the token-rate bucket
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
     ps:events                                    pub/sub channel of PrefixEvent JSON
@@ -55,6 +58,15 @@ class Keys:
 
     def incarnation(self, tenant: str) -> str:
         return f"{self._tenant_base(tenant)}:incarnation"
+
+    def usage(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:usage"
+
+    def inflight(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:inflight"
+
+    def token_bucket(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:bucket"
 
     def tensor_pattern(self, tenant: str) -> str:
         """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""

@@ -20,10 +20,11 @@ from collections.abc import Iterator
 import redis
 import torch
 
-from prefix_store import codec
+from prefix_store import codec, storage_usage
 from prefix_store.connection import make_client, unavailable_as_error
 from prefix_store.errors import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
 from prefix_store.keys import Keys
+from prefix_store.tenant_limits import StorageUsage, TenantLimits
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord
 from prefix_store.subscription import Subscription
@@ -55,13 +56,14 @@ class PrefixStore:
     # ---- prefixes -------------------------------------------------------------------------
 
     def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
-            description: str = "", incarnation: str | None = None, shared: bool = False
-            ) -> tuple[PrefixRecord, bool]:
+            description: str = "", incarnation: str | None = None, shared: bool = False,
+            limits: TenantLimits | None = None) -> tuple[PrefixRecord, bool]:
         """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
         `incarnation` (tenant_incarnation() read when the work started), when the tenant
-        was deleted and created again since.
+        was deleted and created again since. Given `limits`, raises QuotaExceededError
+        (storing nothing) when the write would take the tenant past its storage quota.
         """
         validate_tenant(tenant)
         validate_prefix_id(prefix_id)
@@ -90,7 +92,12 @@ class PrefixStore:
                 raise TenantDeletedError(f"tenant {tenant!r} was deleted; prefix {prefix_id!r} is not stored")
             old_raw = pipe.hget(index, prefix_id)
             old = PrefixRecord.from_json(old_raw) if old_raw is not None else None
+            usage = storage_usage.read_usage(pipe, self.keys, tenant)
+            after = storage_usage.usage_after_put(usage, old, record.bytes)
+            if limits is not None:
+                storage_usage.check_quota(tenant, prefix_id, record.bytes, usage, after, limits)
             pipe.multi()
+            storage_usage.write_usage(pipe, self.keys, tenant, after)
             # a plain SET also clears a grace TTL if this version is uploaded again
             pipe.set(self.keys.tensor(tenant, prefix_id, version), data)
             pipe.hset(index, prefix_id, record.to_json())
@@ -155,7 +162,9 @@ class PrefixStore:
             if raw is None:
                 return False
             old = PrefixRecord.from_json(raw)
+            usage = storage_usage.read_usage(pipe, self.keys, tenant)
             pipe.multi()
+            storage_usage.write_usage(pipe, self.keys, tenant, storage_usage.usage_after_delete(usage, old))
             pipe.hdel(index, prefix_id)
             pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
             pipe.publish(self.keys.events(), PrefixEvent("delete", tenant, prefix_id, old.version).to_json())
@@ -163,6 +172,12 @@ class PrefixStore:
 
         with self._guard():
             return bool(self._r.transaction(tx, index, value_from_callable=True))
+
+    def storage_usage(self, tenant: str) -> StorageUsage:
+        """What the tenant stores now (bytes of prefix tensors, prefix count)."""
+        validate_tenant(tenant)
+        with self._guard():
+            return storage_usage.read_usage(self._r, self.keys, tenant)
 
     # ---- tenants and API keys --------------------------------------------------------------
 
@@ -188,6 +203,16 @@ class PrefixStore:
     def rotate_key(self, tenant_id: str) -> str | None:
         with self._guard():
             return self._tenants.rotate_key(tenant_id)
+
+    def set_tenant_limits(self, tenant_id: str, overrides: dict[str, int]) -> bool:
+        """Store the tenant's limit overrides (see TenantLimits); False if no such tenant."""
+        with self._guard():
+            return self._tenants.set_limits(tenant_id, overrides)
+
+    def tenant_limit_overrides(self, tenant_id: str) -> dict[str, int] | None:
+        """The limits the admin set for the tenant ({} for none); None if no such tenant."""
+        with self._guard():
+            return self._tenants.limit_overrides(tenant_id)
 
     def tenant_for_key(self, api_key: str) -> str | None:
         with self._guard():
@@ -223,6 +248,7 @@ class PrefixStore:
             # no reader can reach these any more; do not wait for the grace period
             for key in self._r.scan_iter(match=self.keys.tensor_pattern(tenant_id), count=500):
                 self._r.unlink(key)
+            self._r.unlink(self.keys.usage(tenant_id), self.keys.inflight(tenant_id), self.keys.token_bucket(tenant_id))
             self._r.set(marker, DELETED)
         return True
 

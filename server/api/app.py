@@ -16,8 +16,10 @@ from fastapi import FastAPI
 
 from prefix_store import PrefixStore
 from prefix_store.job_queue import JobQueue
+from prefix_store.rate_limits import RateLimiter
 from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
                         routes_prefixes)
+from server.api.admission import Admission
 from server.api.auth import Authenticator
 from server.api.body_limit import BodyLimitMiddleware
 from server.api.context import ServerContext
@@ -39,12 +41,15 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     spec = engine.spec
     resolver = PrefixResolver(store, engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
                               spec.fingerprint, admin_tenant=settings.admin_tenant,
-                              shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix)
+                              shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix,
+                              max_concurrent_loads=settings.prefix_load_concurrency)
     auth = Authenticator(store, settings.admin_key.get_secret_value(), settings.admin_tenant)
     ctx = ServerContext(settings=settings, engine=engine, store=store, resolver=resolver, auth=auth,
                         model_name=model_name)
     # Same Redis and namespace as the store: workers (`prefix-serve worker`) read this queue.
     ctx.jobs = JobQueue(store.redis_url, store.keys.namespace, max_active_per_tenant=settings.max_jobs_per_tenant)
+    limiter = RateLimiter(store.redis_url, store.keys.namespace)
+    ctx.admission = Admission(store, limiter, settings.tenant_limits(), max_hold_s=settings.request_timeout_s + 60)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,14 +59,17 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
         subscription = await asyncio.to_thread(store.subscribe, resolver.on_event, resolver.on_reconnect)
         metrics_server = (ctx.metrics.serve_http(settings.metrics_port, settings.metrics_host)
                           if settings.metrics_port is not None else None)
+        renewals = asyncio.ensure_future(ctx.admission.run_renewals())
         ctx.ready = True
         try:
             yield
         finally:
             ctx.ready = False
             await engine.shutdown(settings.drain_timeout_s)
+            renewals.cancel()
             await asyncio.to_thread(subscription.close)
             ctx.jobs.close()
+            limiter.close()
             if metrics_server is not None:
                 metrics_server[0].shutdown()
 

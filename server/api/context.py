@@ -9,6 +9,7 @@ from fastapi import Request
 
 from prefix_store import PrefixStore
 from prefix_store.job_queue import JobQueue
+from server.api.admission import Admission
 from server.api.auth import Authenticator
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
@@ -28,6 +29,7 @@ class ServerContext:
     ready: bool = False  # set once the engine loop runs (lifespan)
     metrics: Metrics = field(default_factory=Metrics)  # this app's own registry (/metrics)
     jobs: JobQueue | None = None  # personalization jobs (routes_personalize)
+    admission: Admission | None = None  # per-tenant queue caps and token rates (generation)
 
     @property
     def spec(self):

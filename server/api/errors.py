@@ -10,6 +10,7 @@ headers turns them into an error event with the same mapping.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store import StoreIntegrityError, StoreUnavailableError, TenantDeletedError, TenantExistsError
+from prefix_store.errors import OverLimitError, QuotaExceededError, RateLimitedError
 from prefix_store.job import TooManyJobsError
 from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable
 from server.engine.async_engine import EngineDeadError, QueueFullError
@@ -75,6 +77,12 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
     if isinstance(e, QueueFullError):
         return ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
                         {"Retry-After": str(retry_after_s)})
+    if isinstance(e, RateLimitedError):
+        return ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+    if isinstance(e, OverLimitError):
+        return ApiError(400, str(e))
+    if isinstance(e, QuotaExceededError):
+        return ApiError(403, str(e), "quota_exceeded")
     if isinstance(e, TooManyJobsError):
         return ApiError(429, str(e), "rate_limit_error", {"Retry-After": "10"})
     if isinstance(e, (PrefixNotFound, TenantDeletedError)):
@@ -93,6 +101,7 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
 
 
 _MAPPED = (ApiError, StoreUnavailableError, PrefixUnavailable, EngineDeadError, QueueFullError, TooManyJobsError,
+           RateLimitedError, OverLimitError, QuotaExceededError,
            PrefixNotFound, TenantDeletedError, InvalidIdError, TemplateError, TenantExistsError, PrefixError,
            StoreIntegrityError)
 

@@ -1,8 +1,11 @@
 """One generation on behalf of an HTTP request: shared by /v1/generate and the OpenAI routes.
 
-    prepare(): tokenize, resolve (load) the prefixes, check sampling  -> GenerationJob
-    complete(): run to the end, aborting if the client disconnects    -> Completion
+    prepare(): tokenize, resolve (load) the prefixes, check sampling, admit  -> GenerationJob
+    complete(): run to the end, aborting if the client disconnects           -> Completion
     open_stream(): start, surface admission errors before any byte is sent, then yield deltas
+
+Admission (server/api/admission.py) takes one of the tenant's slots and its tokens (prompt +
+max_tokens) in prepare(); complete() and the stream give the slot back however they end.
 
 # NOTE: every engine iterator is closed explicitly (aclosing): an async generator left
 # un-iterated is only finalised by the garbage collector, and until then its request
@@ -72,7 +75,9 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str], promp
                                   ignore_eos=fields.ignore_eos)
     except ValueError as e:
         raise ApiError(400, str(e)) from e
-    return GenerationJob(f"{id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, prefix, used, caller.tenant)
+    job = GenerationJob(f"{id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, prefix, used, caller.tenant)
+    await ctx.admission.admit(job.tenant, job.request_id, len(prompt_ids) + max_tokens)  # 429 beyond a limit
+    return job
 
 
 # Text longer than this is tokenized in a worker thread, so a large prompt never stalls the
@@ -107,22 +112,26 @@ async def complete(ctx: ServerContext, request: Request, job: GenerationJob) -> 
         return await until_disconnect(request, _collect(ctx, job))
     except RequestTimeoutError as e:
         raise _timeout(ctx) from e
+    finally:
+        ctx.admission.release(job.tenant, job.request_id)
 
 
 async def open_stream(ctx: ServerContext, request: Request, job: GenerationJob) -> AsyncIterator[RequestOutput]:
     """Start the request and wait for its first output, so that 429/400 can still be a status
     code; then return an iterator over all outputs (the first one included)."""
     outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix,
-                                  timeout_s=ctx.settings.request_timeout_s)
+                                  timeout_s=ctx.settings.request_timeout_s, tenant=job.tenant)
     try:
         first = await until_disconnect(request, _first(ctx, outputs))
     except RequestTimeoutError as e:
         await outputs.aclose()
+        ctx.admission.release(job.tenant, job.request_id)
         raise _timeout(ctx) from e
     except BaseException:
         await outputs.aclose()
+        ctx.admission.release(job.tenant, job.request_id)
         raise
-    return _rest(ctx, outputs, first, job.tenant)
+    return _rest(ctx, outputs, first, job)
 
 
 def _failed(out: RequestOutput) -> ApiError:
@@ -140,30 +149,33 @@ async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> R
     return out
 
 
-async def _rest(ctx: ServerContext, outputs, first: RequestOutput, tenant: str) -> AsyncIterator[RequestOutput]:
-    async with contextlib.aclosing(outputs):
-        out = first
-        while True:
-            if out.finish_reason == FinishReason.ERROR:
-                raise _failed(out)
-            if out.finished:
-                ctx.metrics.observe_finished(tenant, out)
-            yield out
-            if out.finished:
-                return
-            try:
-                out = await anext(outputs)
-            except RequestTimeoutError as e:  # the engine's per-request timer: no timer per token
-                raise _timeout(ctx) from e
-            except StopAsyncIteration:
-                return
+async def _rest(ctx: ServerContext, outputs, first: RequestOutput, job: GenerationJob) -> AsyncIterator[RequestOutput]:
+    try:
+        async with contextlib.aclosing(outputs):
+            out = first
+            while True:
+                if out.finish_reason == FinishReason.ERROR:
+                    raise _failed(out)
+                if out.finished:
+                    ctx.metrics.observe_finished(job.tenant, out)
+                yield out
+                if out.finished:
+                    return
+                try:
+                    out = await anext(outputs)
+                except RequestTimeoutError as e:  # the engine's per-request timer: no timer per token
+                    raise _timeout(ctx) from e
+                except StopAsyncIteration:
+                    return
+    finally:
+        ctx.admission.release(job.tenant, job.request_id)
 
 
 async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
     result = Completion(prompt_tokens=len(job.prompt_token_ids))
     # not streamed: the engine sends this request's output once, when it finishes
     outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix, stream=False,
-                                  timeout_s=ctx.settings.request_timeout_s)
+                                  timeout_s=ctx.settings.request_timeout_s, tenant=job.tenant)
     async with contextlib.aclosing(outputs):
         first = True
         while True:
