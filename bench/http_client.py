@@ -15,7 +15,10 @@ from collections.abc import AsyncIterator
 
 
 class HttpError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int = 0, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class RawClient:
@@ -43,7 +46,8 @@ class RawClient:
             headers[name.strip().lower()] = value.strip()
         code = int(status.split()[1])
         if code != 200:
-            raise HttpError(f"{path}: HTTP {code}: {await self._read_body(headers)!r}")
+            raise HttpError(f"{path}: HTTP {code}: {await self._read_body(headers)!r}", code,
+                            headers.get("retry-after"))
         return headers
 
     async def _read_body(self, headers: dict[str, str]) -> bytes:

@@ -208,10 +208,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(redis_url: str, dtype: str, port: int, cache_dir: str) -> subprocess.Popen:
+def start_server(redis_url: str, dtype: str, port: int, cache_dir: str,
+                 flags: tuple[str, ...] = ("--max-queue", "1024")) -> subprocess.Popen:
     env = {**os.environ, "PREFIX_SERVE_ADMIN_KEY": ADMIN_KEY}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--redis-url", redis_url,
-                             "--port", str(port), "--dtype", dtype, "--workers", "0", "--max-queue", "1024",
+                             "--port", str(port), "--dtype", dtype, "--workers", "0", *flags,
                              "--cache-dir", cache_dir, "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx

@@ -28,3 +28,21 @@ class TenantExistsError(ValueError):
 class TenantDeletedError(RuntimeError):
     """A write into a tenant that was deleted (or deleted and created again since the
     writer looked it up): refused, so nothing reappears under a re-created name."""
+
+
+class QuotaExceededError(RuntimeError):
+    """A write that would take a tenant over its storage quota (bytes or prefix count);
+    nothing was written. The message names the numbers."""
+
+
+class RateLimitedError(RuntimeError):
+    """A tenant is at its queue cap or out of tokens: retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class OverLimitError(ValueError):
+    """A request larger than its tenant's limits could ever admit (more tokens than its
+    bucket holds): retrying cannot help."""

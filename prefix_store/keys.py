@@ -9,6 +9,9 @@ key hashes share the tag `{tenants}` for the same reason.
     ps:{t:acme}:incarnation                      string  the tenant's incarnation id, or the
                                                          tombstone "deleting" / "deleted"
     ps:{t:acme}:sync                             string  written just before a WAIT (expires in 60 s)
+    ps:{t:acme}:usage                            hash  bytes, prefixes: what the tenant stores
+    ps:{t:acme}:inflight                         zset  request id -> lease expiry (queue cap)
+    ps:{t:acme}:bucket                           hash  tokens, ts: the token-rate bucket
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
     ps:{tenants}:sync                            string  as ps:{t:acme}:sync, for the directory
@@ -61,6 +64,15 @@ class Keys:
 
     def sync(self, tenant: str) -> str:
         return f"{self._tenant_base(tenant)}:sync"
+
+    def usage(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:usage"
+
+    def inflight(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:inflight"
+
+    def token_bucket(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:bucket"
 
     def tensor_pattern(self, tenant: str) -> str:
         """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""

@@ -27,11 +27,12 @@ from collections.abc import Iterator
 import redis
 import torch
 
-from prefix_store import codec
+from prefix_store import codec, storage_usage
 from prefix_store.connection import make_client, unavailable_as_error, wait_for_replicas
 from prefix_store.errors import (NotReplicatedError, StoreIntegrityError, StoreUnavailableError, TenantDeletedError,
                                  TenantExistsError)
 from prefix_store.keys import Keys
+from prefix_store.tenant_limits import StorageUsage, TenantLimits
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord, TenantEvent
 from prefix_store.subscription import Subscription
@@ -71,12 +72,13 @@ class PrefixStore:
 
     def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
             description: str = "", incarnation: str | None = None, shared: bool = False,
-            kind: str = "tuned") -> tuple[PrefixRecord, bool]:
+            kind: str = "tuned", limits: TenantLimits | None = None) -> tuple[PrefixRecord, bool]:
         """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
         `incarnation` (tenant_incarnation() read when the work started), when the tenant
-        was deleted and created again since.
+        was deleted and created again since. Given `limits`, raises QuotaExceededError
+        (storing nothing) when the write would take the tenant past its storage quota.
         """
         validate_tenant(tenant)
         validate_prefix_id(prefix_id)
@@ -107,7 +109,12 @@ class PrefixStore:
                 raise TenantDeletedError(f"tenant {tenant!r} was deleted; prefix {prefix_id!r} is not stored")
             old_raw = pipe.hget(index, prefix_id)
             old = PrefixRecord.from_json(old_raw) if old_raw is not None else None
+            usage = storage_usage.read_usage(pipe, self.keys, tenant)
+            after = storage_usage.usage_after_put(usage, old, record.bytes)
+            if limits is not None:
+                storage_usage.check_quota(tenant, prefix_id, record.bytes, usage, after, limits)
             pipe.multi()
+            storage_usage.write_usage(pipe, self.keys, tenant, after)
             # a plain SET also clears a grace TTL if this version is uploaded again
             pipe.set(self.keys.tensor(tenant, prefix_id, version), data)
             pipe.hset(index, prefix_id, record.to_json())
@@ -173,7 +180,9 @@ class PrefixStore:
             if raw is None:
                 return None
             old = PrefixRecord.from_json(raw)
+            usage = storage_usage.read_usage(pipe, self.keys, tenant)
             pipe.multi()
+            storage_usage.write_usage(pipe, self.keys, tenant, storage_usage.usage_after_delete(usage, old))
             pipe.hdel(index, prefix_id)
             pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
             return old
@@ -185,6 +194,12 @@ class PrefixStore:
             self._replicated(tenant)
             self._r.publish(self.keys.events(), PrefixEvent("delete", tenant, prefix_id, old.version).to_json())
         return True
+
+    def storage_usage(self, tenant: str) -> StorageUsage:
+        """What the tenant stores now (bytes of prefix tensors, prefix count)."""
+        validate_tenant(tenant)
+        with self._guard():
+            return storage_usage.read_usage(self._r, self.keys, tenant)
 
     # ---- tenants and API keys --------------------------------------------------------------
 
@@ -227,6 +242,16 @@ class PrefixStore:
                                              "the old key no longer works: rotate again to get a new one") from e
         return api_key
 
+    def set_tenant_limits(self, tenant_id: str, overrides: dict[str, int]) -> bool:
+        """Store the tenant's limit overrides (see TenantLimits); False if no such tenant."""
+        with self._guard():
+            return self._tenants.set_limits(tenant_id, overrides)
+
+    def tenant_limit_overrides(self, tenant_id: str) -> dict[str, int] | None:
+        """The limits the admin set for the tenant ({} for none); None if no such tenant."""
+        with self._guard():
+            return self._tenants.limit_overrides(tenant_id)
+
     def tenant_for_key(self, api_key: str) -> str | None:
         with self._guard():
             return self._tenants.tenant_for_key(api_key)
@@ -265,6 +290,7 @@ class PrefixStore:
             # no reader can reach these any more; do not wait for the grace period
             for key in self._r.scan_iter(match=self.keys.tensor_pattern(tenant_id), count=500):
                 self._r.unlink(key)
+            self._r.unlink(self.keys.usage(tenant_id), self.keys.inflight(tenant_id), self.keys.token_bucket(tenant_id))
             self._r.set(marker, DELETED)
             self._replicated(tenant_id)
         return True

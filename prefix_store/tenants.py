@@ -12,6 +12,7 @@ import redis
 
 from prefix_store.errors import TenantExistsError
 from prefix_store.keys import Keys
+from prefix_store.tenant_limits import TenantLimits
 from server.prefix.ids import validate_tenant
 
 API_KEY_PREFIX = "ps-"
@@ -75,6 +76,29 @@ class TenantDirectory:
 
         found = self._r.transaction(tx, self._keys.tenants(), value_from_callable=True)
         return api_key if found else None
+
+    def set_limits(self, tenant: str, overrides: dict[str, int]) -> bool:
+        """Store the tenant's limit overrides (field -> value; the others take the server's
+        defaults), replacing earlier ones. False if there is no such tenant."""
+        validate_tenant(tenant)
+        TenantLimits().overridden(overrides)  # names and values checked before anything is written
+
+        def tx(pipe: redis.client.Pipeline) -> bool:
+            raw = pipe.hget(self._keys.tenants(), tenant)
+            if raw is None:
+                return False
+            record = json.loads(raw)
+            record["limits"] = dict(overrides)
+            pipe.multi()
+            pipe.hset(self._keys.tenants(), tenant, json.dumps(record))
+            return True
+
+        return bool(self._r.transaction(tx, self._keys.tenants(), value_from_callable=True))
+
+    def limit_overrides(self, tenant: str) -> dict[str, int] | None:
+        """The limits the admin set for the tenant ({} for none); None if there is no such tenant."""
+        raw = self._r.hget(self._keys.tenants(), validate_tenant(tenant))
+        return None if raw is None else dict(json.loads(raw).get("limits") or {})
 
     def tenant_for_key(self, api_key: str) -> str | None:
         if not isinstance(api_key, str) or len(api_key) != API_KEY_LENGTH or not api_key.startswith(API_KEY_PREFIX):

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(128, gt=0, description="requests running at once")
     max_num_batched_tokens: int = Field(1024, gt=0, description="tokens in one forward pass")
     max_model_len: int | None = Field(None, gt=0, description="context length; unset = the model's")
+    prefill_attention_budget: int = Field(
+        1 << 20, gt=0, description="query x key pairs of prefill attention in one step: a long prompt's chunks shrink "
+                                   "as its context grows, so that every step stays short")
 
     # --- admission and limits
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones get 429")
@@ -77,6 +80,20 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(256 * MiB, gt=0, description="largest prefix upload body")
     max_prefix_bytes: int = Field(128 * MiB, gt=0, description="largest prefix tensor (and zip member)")
     host_cache_bytes: int = Field(2 * GiB, ge=0, description="host-memory LRU of loaded prefixes")
+    prefix_load_concurrency: int = Field(
+        4, ge=1, description="prefixes loaded from Redis at once; more cold loads wait their turn, so that a storm "
+                             "of them does not stall requests on resident prefixes")
+
+    # --- per-tenant limits: the defaults; the admin overrides them per tenant (PUT /v1/admin/tenants/{id}/limits)
+    tenant_max_concurrent_requests: int = Field(
+        256, ge=1, description="a tenant's requests queued or running at once, on all replicas together (429 above)")
+    tenant_tokens_per_minute: int = Field(
+        0, ge=0, description="a tenant's token rate (prompt + max_tokens of admitted requests; 429 with Retry-After "
+                             "above); 0 = no rate limit")
+    tenant_burst_tokens: int = Field(
+        0, ge=0, description="most tokens a tenant may use at once after an idle spell; 0 = a minute's worth")
+    tenant_max_storage_bytes: int = Field(1 * GiB, ge=0, description="bytes of prefixes a tenant may store")
+    tenant_max_prefixes: int = Field(10_000, ge=0, description="prefixes a tenant may store (user prefixes included)")
 
     # --- tenancy
     admin_tenant: str = Field("admin", description="the tenant that the admin key acts as")
@@ -166,7 +183,16 @@ class Settings(BaseSettings):
         return EngineConfig(block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
                             max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
+                            prefill_attention_budget=self.prefill_attention_budget,
                             max_model_len=self.max_model_len)
+
+    def tenant_limits(self):
+        """The default TenantLimits (a tenant's overrides replace some of them)."""
+        from prefix_store.tenant_limits import TenantLimits
+
+        return TenantLimits(max_concurrent_requests=self.tenant_max_concurrent_requests,
+                            tokens_per_minute=self.tenant_tokens_per_minute, burst_tokens=self.tenant_burst_tokens,
+                            max_storage_bytes=self.tenant_max_storage_bytes, max_prefixes=self.tenant_max_prefixes)
 
 
 # --- CLI: one flag per field, generated so the two can never drift apart
@@ -184,9 +210,12 @@ CLIENT_FIELDS = {"url": None, "api_key": "--key", "client_timeout_s": "--timeout
 SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url", "redis_wait_replicas",
                                          "redis_wait_timeout_ms", "cache_dir", "model", "dtype",
                                          "device", "kv_cache_bytes", "block_size", "max_num_seqs",
-                                         "max_num_batched_tokens", "max_model_len", "max_queue", "retry_after_s", "max_choices",
-                                         "request_timeout_s", "max_output_tokens", "max_body_bytes", "max_upload_bytes",
-                                         "max_prefix_bytes", "host_cache_bytes", "admin_tenant", "shared_prefixes", "workers",
+                                         "max_num_batched_tokens", "prefill_attention_budget", "max_model_len",
+                                         "max_queue", "retry_after_s", "max_choices", "request_timeout_s",
+                                         "max_output_tokens", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
+                                         "host_cache_bytes", "prefix_load_concurrency", "tenant_max_concurrent_requests",
+                                         "tenant_tokens_per_minute", "tenant_burst_tokens", "tenant_max_storage_bytes",
+                                         "tenant_max_prefixes", "admin_tenant", "shared_prefixes", "workers",
                                          "max_jobs_per_tenant", "worker_max_jobs", "max_train_examples", "max_train_example_tokens",
                                          "max_train_steps", "max_train_virtual_tokens", "job_claim_timeout_s",
                                          "job_max_attempts", "namespace", "metrics_key", "metrics_port",

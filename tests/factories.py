@@ -15,11 +15,12 @@ from server.prefix.peft_format import read_adapter
 from server.training.prefix_forward import cache_argument, prefix_dynamic_cache
 
 
-def tiny_llama(seed: int = 0, vocab: int = 320, initializer_range: float = 0.02, eos: int = 2) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab: int = 320, initializer_range: float = 0.02, eos: int = 2,
+               max_positions: int = 256) -> LlamaForCausalLM:
     """2 layers, hidden 64, 4 query heads sharing 2 KV heads (GQA), float32."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=max_positions,
                       initializer_range=initializer_range, bos_token_id=1, eos_token_id=eos,
                       pad_token_id=eos if eos != 2 else 0, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()

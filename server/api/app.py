@@ -17,8 +17,10 @@ from fastapi import FastAPI
 from prefix_store import PrefixStore
 from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
+from prefix_store.rate_limits import RateLimiter
 from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
                         routes_prefixes, routes_tokenize)
+from server.api.admission import Admission
 from server.api.audit import AuditMiddleware
 from server.api.auth import Authenticator
 from server.api.body_limit import BodyLimitMiddleware
@@ -42,7 +44,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     spec = engine.spec
     resolver = PrefixResolver(store, engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
                               spec.fingerprint, admin_tenant=settings.admin_tenant,
-                              shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix)
+                              shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix,
+                              max_concurrent_loads=settings.prefix_load_concurrency)
     auth = Authenticator(store, settings.admin_key.get_secret_value(), settings.admin_tenant)
     ctx = ServerContext(settings=settings, engine=engine, store=store, resolver=resolver, auth=auth,
                         model_name=model_name)
@@ -50,6 +53,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     ctx.jobs = JobQueue(store.redis_url, store.keys.namespace, max_active_per_tenant=settings.max_jobs_per_tenant,
                         wait_replicas=store.wait_replicas, wait_timeout_ms=store.wait_timeout_ms)
     ctx.audit = AuditLog(store.redis_url, store.keys.namespace)
+    limiter = RateLimiter(store.redis_url, store.keys.namespace)
+    ctx.admission = Admission(store, limiter, settings.tenant_limits(), max_hold_s=settings.request_timeout_s + 60)
 
     def on_reconnect() -> None:  # events published while we were away are lost
         resolver.on_reconnect()
@@ -65,6 +70,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
         auth.events_live = lambda: subscription.ready
         metrics_server = (ctx.metrics.serve_http(settings.metrics_port, settings.metrics_host)
                           if settings.metrics_port is not None else None)
+        renewals = asyncio.ensure_future(ctx.admission.run_renewals())
         ctx.ready = True
         try:
             yield
@@ -72,9 +78,11 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
             ctx.ready = False
             await engine.shutdown(settings.drain_timeout_s)
             auth.events_live = lambda: False
+            renewals.cancel()
             await asyncio.to_thread(subscription.close)
             ctx.jobs.close()
             ctx.audit.close()
+            limiter.close()
             if metrics_server is not None:
                 metrics_server[0].shutdown()
 

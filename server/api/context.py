@@ -10,6 +10,7 @@ from fastapi import Request
 from prefix_store import PrefixStore
 from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
+from server.api.admission import Admission
 from server.api.auth import Authenticator
 from server.api.drain import Drain
 from server.config import Settings
@@ -32,6 +33,7 @@ class ServerContext:
     jobs: JobQueue | None = None  # personalization jobs (routes_personalize)
     audit: AuditLog | None = None  # admin actions (server/api/audit.py, GET /v1/admin/audit)
     drain: Drain = field(default_factory=Drain)  # SIGTERM: finish what runs, 503 to new requests
+    admission: Admission | None = None  # per-tenant queue caps and token rates (generation)
 
     @property
     def spec(self):

@@ -10,6 +10,7 @@ headers turns them into an error event with the same mapping.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store import (NotReplicatedError, StoreIntegrityError, StoreUnavailableError, TenantDeletedError,
                           TenantExistsError)
+from prefix_store.errors import OverLimitError, QuotaExceededError, RateLimitedError
 from prefix_store.job import TooManyJobsError
 from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable
 from server.engine.async_engine import EngineDeadError, QueueFullError
@@ -84,6 +86,12 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
     if isinstance(e, QueueFullError):
         return ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_error",
                         {"Retry-After": str(retry_after_s)})
+    if isinstance(e, RateLimitedError):
+        return ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+    if isinstance(e, OverLimitError):
+        return ApiError(400, str(e))
+    if isinstance(e, QuotaExceededError):
+        return ApiError(403, str(e), "quota_exceeded")
     if isinstance(e, TooManyJobsError):
         return ApiError(429, str(e), "rate_limit_error", {"Retry-After": "10"})
     if isinstance(e, (PrefixNotFound, TenantDeletedError)):
@@ -102,7 +110,7 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
 
 
 _MAPPED = (ApiError, StoreUnavailableError, PrefixUnavailable, EngineDeadError, KVPoolBusy, RequestError,
-           QueueFullError, TooManyJobsError,
+           QueueFullError, TooManyJobsError, RateLimitedError, OverLimitError, QuotaExceededError,
            PrefixNotFound, TenantDeletedError, InvalidIdError, TemplateError, TenantExistsError, PrefixError,
            StoreIntegrityError)
 

@@ -1,9 +1,14 @@
 """Generation on behalf of an HTTP request: shared by /v1/generate and the OpenAI routes.
 
-    prepare(): tokenize each prompt, resolve (load) the prefixes once, check sampling -> GenerationJobs
+    prepare(): tokenize each prompt, resolve (load) the prefixes once, check sampling, admit
+               -> GenerationJobs
     complete(): run every job to the end, aborting all if the client disconnects -> Completions
     open_stream(): start every job, surface admission errors before any byte is sent, then
                    yield (job index, output) as outputs come
+
+Admission (server/api/admission.py) takes one of the tenant's slots and its tokens (prompt +
+max_tokens, per sample) for each job in prepare(); complete() and the stream give them back
+however they end.
 
 # NOTE: every engine iterator is closed explicitly (aclosing, or the task that iterates it
 # is cancelled): an async generator left un-iterated is only finalised by the garbage
@@ -107,7 +112,22 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
             raise ApiError(400, str(e)) from e
         rid = request_id if len(inputs) == 1 else f"{request_id}-{i}"
         jobs.append(GenerationJob(rid, prompt_ids, sampling, prefix, used, caller.tenant, request_id))
+    admitted: list[GenerationJob] = []
+    try:
+        for job in jobs:  # 429 beyond a limit; the jobs admitted before it are given back
+            await ctx.admission.admit(job.tenant, job.request_id,
+                                      len(job.prompt_token_ids) + job.sampling.max_tokens * job.sampling.n)
+            admitted.append(job)
+    except BaseException:
+        release(ctx, admitted)
+        raise
     return jobs
+
+
+def release(ctx: ServerContext, jobs: list[GenerationJob]) -> None:
+    """Give the jobs' admission slots back (prepare() took them)."""
+    for job in jobs:
+        ctx.admission.release(job.tenant, job.request_id)
 
 
 # Text longer than this is tokenized in a worker thread, so a large prompt never stalls the
@@ -162,6 +182,8 @@ async def complete(ctx: ServerContext, request: Request, jobs: list[GenerationJo
         return await until_disconnect(request, run_all())
     except BaseExceptionGroup as group:
         raise _reason(ctx, group) from None
+    finally:
+        release(ctx, jobs)
 
 
 async def open_stream(ctx: ServerContext, request: Request,
@@ -169,7 +191,7 @@ async def open_stream(ctx: ServerContext, request: Request,
     """Start every job and wait for each one's first output, so that 429/400 can still be a
     status code; then an iterator over (job index, output) of all of them, as they come."""
     streams = [ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix,
-                                   timeout_s=ctx.settings.request_timeout_s) for job in jobs]
+                                   timeout_s=ctx.settings.request_timeout_s, tenant=job.tenant) for job in jobs]
 
     async def firsts() -> list[RequestOutput]:
         async with asyncio.TaskGroup() as group:
@@ -181,10 +203,11 @@ async def open_stream(ctx: ServerContext, request: Request,
     except BaseException as e:
         for stream in streams:
             await stream.aclose()
+        release(ctx, jobs)
         if isinstance(e, BaseExceptionGroup):
             raise _reason(ctx, e) from None
         raise
-    return _merge([_rest(ctx, s, f, job.tenant) for s, f, job in zip(streams, first, jobs)])
+    return _merge([_rest(ctx, s, f, job) for s, f, job in zip(streams, first, jobs)])
 
 
 def _reason(ctx: ServerContext, group: BaseExceptionGroup) -> BaseException:
@@ -210,22 +233,26 @@ async def _first(ctx: ServerContext, outputs: AsyncIterator[RequestOutput]) -> R
     return out
 
 
-async def _rest(ctx: ServerContext, outputs, first: RequestOutput, tenant: str) -> AsyncIterator[RequestOutput]:
-    """Every output of one job (the first one included), until all its samples finished."""
-    async with contextlib.aclosing(outputs):
-        out = first
-        while True:
-            if out.finish_reason == FinishReason.ERROR:
-                raise _failed(out)
-            if out.finished:
-                ctx.metrics.observe_finished(tenant, out)
-            yield out
-            try:
-                out = await anext(outputs)
-            except RequestTimeoutError as e:  # the engine's per-request timer: no timer per token
-                raise _timeout(ctx) from e
-            except StopAsyncIteration:
-                return
+async def _rest(ctx: ServerContext, outputs, first: RequestOutput, job: GenerationJob) -> AsyncIterator[RequestOutput]:
+    """Every output of one job (the first one included), until all its samples finished;
+    then (or when it fails or is closed) its admission slot is given back."""
+    try:
+        async with contextlib.aclosing(outputs):
+            out = first
+            while True:
+                if out.finish_reason == FinishReason.ERROR:
+                    raise _failed(out)
+                if out.finished:
+                    ctx.metrics.observe_finished(job.tenant, out)
+                yield out
+                try:
+                    out = await anext(outputs)
+                except RequestTimeoutError as e:  # the engine's per-request timer: no timer per token
+                    raise _timeout(ctx) from e
+                except StopAsyncIteration:
+                    return
+    finally:
+        release(ctx, [job])
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -269,7 +296,7 @@ async def _collect(ctx: ServerContext, job: GenerationJob) -> Completion:
     result = Completion(samples=samples, prompt_tokens=len(job.prompt_token_ids))
     # not streamed: the engine sends each sample's output once, when it finishes
     outputs = ctx.engine.generate(job.request_id, job.prompt_token_ids, job.sampling, job.prefix, stream=False,
-                                  timeout_s=ctx.settings.request_timeout_s)
+                                  timeout_s=ctx.settings.request_timeout_s, tenant=job.tenant)
     async with contextlib.aclosing(outputs):
         first = True
         while True:

@@ -11,8 +11,12 @@
 # - Store events drop copies of other versions at once, on the host and on the device
 #   (memory, and the fallback above must not pick a stale copy). Requests already running
 #   hold their own Prefix object and finish on it.
-# - Loading happens in the request's coroutine (Redis and the check in worker threads),
-#   before the request reaches the engine: the step loop never waits for a load.
+# - Loading happens when the request arrives, before it reaches the engine's queue (Redis
+#   and the check in worker threads): a queued request's prefix is on the host before its
+#   turn, and the step loop never waits for Redis.
+# - At most `max_concurrent_loads` loads run at once, on threads of their own: a storm of
+#   cold prefixes queues there, while requests on resident prefixes (one HGET each, on the
+#   default executor) go on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -48,7 +53,8 @@ class PrefixResolver:
     def __init__(self, store: PrefixStore, make_prefix: Callable[[torch.Tensor, tuple[PrefixRef, ...]], Prefix],
                  cache: HostPrefixes, model_fingerprint: str, *, admin_tenant: str = "admin",
                  shared_prefixes: bool = True,
-                 on_stale: Callable[[str, str, str | None], None] | None = None) -> None:
+                 on_stale: Callable[[str, str, str | None], None] | None = None,
+                 max_concurrent_loads: int = 4) -> None:
         self.store = store
         self.make_prefix = make_prefix  # engine.make_prefix: checks once and casts to the engine dtype
         self.cache = cache
@@ -56,6 +62,7 @@ class PrefixResolver:
         self.admin_tenant = admin_tenant
         self.shared_prefixes = shared_prefixes
         self._loading: dict[PrefixRef, asyncio.Task] = {}
+        self._load_threads = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="prefix-load")
         self.on_stale = on_stale  # drops device copies too (AsyncEngine.drop_stale_prefix)
         self.on_load: Callable[[float], None] | None = None  # metrics: seconds of each load from the store
 
@@ -124,15 +131,17 @@ class PrefixResolver:
         return await asyncio.shield(task)
 
     async def _fetch(self, ref: PrefixRef, name: str) -> Prefix:
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            kv = await asyncio.to_thread(self.store.get_version, ref.tenant, ref.prefix_id, ref.version)
+            kv = await loop.run_in_executor(self._load_threads, self.store.get_version, ref.tenant, ref.prefix_id,
+                                            ref.version)
         except StoreUnavailableError as e:
             raise PrefixUnavailable(f"prefix {shorten(name)} could not be loaded: the prefix store is "
                                     "unreachable; retry shortly") from e
         if kv is None:  # replaced or deleted between the two reads, and its grace period is over
             raise PrefixNotFound(f"prefix {shorten(name)} not found (it was just replaced or deleted; retry)")
-        prefix = await asyncio.to_thread(self.make_prefix, kv, (ref,))
+        prefix = await loop.run_in_executor(self._load_threads, self.make_prefix, kv, (ref,))
         self.cache.put(prefix)
         if self.on_load is not None:
             self.on_load(time.perf_counter() - start)

@@ -13,10 +13,12 @@ another tenant's job id is simply not found.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefix_store import storage_usage
 from prefix_store.job import Job, JobStatus
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
@@ -90,6 +92,7 @@ async def personalize(user_id: str, body: PersonalizeRequest, request: Request, 
     _check_numbers(ctx, body)
     base, base_len = await _base_prefix(ctx, caller, body.base_prefix_id)
     await asyncio.to_thread(_check_lengths, ctx, body, base_len)
+    await _check_storage_quota(ctx, caller.tenant, user_id, body.num_virtual_tokens)
     spec = JobSpec(examples=tuple(Example(e.prompt, e.completion) for e in body.examples),
                    num_virtual_tokens=body.num_virtual_tokens, steps=body.steps, learning_rate=body.learning_rate,
                    model_fingerprint=ctx.spec.fingerprint, init_text=body.init_text, seed=body.seed,
@@ -152,6 +155,19 @@ async def _base_prefix(ctx: ServerContext, caller: Caller, name: str | None) -> 
         raise ApiError(422, f"base_prefix_id: prefix {shorten(name)} was made for base model "
                             f"{record.model_fingerprint}; this server runs {ctx.spec.fingerprint}", "model_mismatch")
     return BasePrefix(name=name, tenant=record.tenant, prefix_id=record.prefix_id), record.num_virtual_tokens
+
+
+async def _check_storage_quota(ctx: ServerContext, tenant: str, user_id: str, num_virtual_tokens: int) -> None:
+    """The prefix the job will store must fit the tenant's storage quota now (403 with the
+    numbers), so that a job is not trained for nothing. (Uploads stored meanwhile may still
+    fill the quota before the job ends.)"""
+    limits = await ctx.admission.limits_of(tenant)
+    prefix_id = user_prefix_id(user_id)
+    nbytes = math.prod(ctx.spec.kv_shape(num_virtual_tokens)) * 4  # the worker stores float32 at most
+    usage = await asyncio.to_thread(ctx.store.storage_usage, tenant)
+    old = await asyncio.to_thread(ctx.store.get_record, tenant, prefix_id)
+    after = storage_usage.usage_after_put(usage, old, nbytes)
+    storage_usage.check_quota(tenant, prefix_id, nbytes, usage, after, limits)
 
 
 def _check_lengths(ctx: ServerContext, body: PersonalizeRequest, base_len: int) -> None:

@@ -17,9 +17,9 @@ from prefix_store import PrefixRecord
 from prefix_store.store import MAX_DESCRIPTION_CHARS
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
-from server.api.errors import ApiError
-from server.api.errors import describe_validation_errors
+from server.api.errors import ApiError, describe_validation_errors
 from server.api.generation import encode
+from server.api.routes_admin import storage_info
 from server.api.schemas import PrefixInfo, PrefixList, PromptPrefixRequest
 from server.api.upload import UploadError, parse_prefix_upload
 from server.prefix import shorten, validate_prefix_id
@@ -137,8 +137,12 @@ async def _read_form(request: Request) -> tuple[bytes, str | None, str, int | No
 
 @router.get("/v1/prefixes", response_model=PrefixList)
 async def list_prefixes(request: Request, caller: Caller = Depends(require_caller)) -> PrefixList:
-    records = await asyncio.to_thread(get_ctx(request).store.list, caller.tenant)
-    return PrefixList(data=[prefix_info(r) for r in records])
+    """The caller's prefixes, and what it stores against its quota."""
+    ctx = get_ctx(request)
+    records = await asyncio.to_thread(ctx.store.list, caller.tenant)
+    limits = await ctx.admission.limits_of(caller.tenant)
+    storage = await asyncio.to_thread(storage_info, ctx, caller.tenant, limits)
+    return PrefixList(data=[prefix_info(r) for r in records], storage=storage)
 
 
 @router.get("/v1/prefixes/{prefix_id}", response_model=PrefixInfo)

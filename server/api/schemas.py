@@ -242,8 +242,17 @@ class PromptPrefixRequest(BaseModel):
         return self
 
 
+class StorageInfo(BaseModel):
+    """What a tenant stores, and its quota."""
+    bytes: int
+    prefixes: int
+    max_storage_bytes: int
+    max_prefixes: int
+
+
 class PrefixList(BaseModel):
     data: list[PrefixInfo]
+    storage: StorageInfo | None = None  # the caller's own usage and quota
 
 
 class CreateTenantRequest(BaseModel):
@@ -261,5 +270,33 @@ class RotateKeyResponse(BaseModel):
     api_key: str  # the new key, shown once; the old one no longer works on any replica
 
 
+class TenantLimitsFields(BaseModel):
+    """A tenant's limits (docs/api.md; the defaults are the server's tenant_* settings)."""
+    max_concurrent_requests: int = Field(ge=1, description="requests queued or running at once, all replicas")
+    tokens_per_minute: int = Field(ge=0, description="prompt + max_tokens of admitted requests; 0 = no rate limit")
+    burst_tokens: int = Field(ge=0, description="most tokens at once after an idle spell; 0 = a minute's worth")
+    max_storage_bytes: int = Field(ge=0, description="bytes of prefixes stored")
+    max_prefixes: int = Field(ge=0, description="prefixes stored (user prefixes included)")
+
+
+class SetTenantLimits(BaseModel):
+    """PUT body: the limits to set for the tenant; a field left out (or null) takes the default."""
+    model_config = ConfigDict(extra="forbid")
+    max_concurrent_requests: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    burst_tokens: int | None = Field(None, ge=0)
+    max_storage_bytes: int | None = Field(None, ge=0)
+    max_prefixes: int | None = Field(None, ge=0)
+
+
+class TenantInfo(BaseModel):
+    tenant_id: str
+    limits: TenantLimitsFields  # in force: the defaults with the overrides
+    overrides: dict[str, int]  # what the admin set for this tenant
+    storage: StorageInfo
+    requests_in_flight: int  # queued or running now, all replicas together
+
+
 class TenantList(BaseModel):
     data: list[str]
+    tenants: list[TenantInfo] = []  # each tenant's limits and usage, in the order of `data`

@@ -41,6 +41,14 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later."""
 
 
+def queue_share(waiting_by_tenant: dict[str, int], tenant: str, max_waiting: int) -> int:
+    """How many waiting requests `tenant` may have once the queue holds max_waiting: an
+    equal share among the tenants with waiting requests (itself included), at least one
+    (none if the queue holds none)."""
+    tenants = {t for t, n in waiting_by_tenant.items() if n > 0} | {tenant}
+    return max(1, max_waiting // len(tenants)) if max_waiting > 0 else 0
+
+
 class EngineDeadError(RuntimeError):
     """The step loop crashed (or its process died); requests in flight fail with this."""
 
@@ -184,7 +192,7 @@ class AsyncEngine:
         self._inflight: dict[str, tuple[AddRequest | ComputeKV, Prefix | None]] = {}  # to send again if the core asks
         self._core_has: set[tuple] = set()  # prefix keys whose tensor the core holds
         self._stats = EngineStats()
-        self._sent_since_batch = 0
+        self._sent_since_batch: dict[str, int] = {}  # tenant -> requests sent since the last batch
         self._error: str | None = None
         self._started = False
 
@@ -244,7 +252,14 @@ class AsyncEngine:
         less the slots free at the last step (requests sent into free slots run at the next
         step: when a whole batch finishes at once, its clients' next requests do not wait)."""
         free = 0 if self.limits is None else max(0, self.limits.max_num_seqs - self._stats.num_running)
-        return max(0, self._stats.num_waiting + self._sent_since_batch - free)
+        return max(0, self._stats.num_waiting + sum(self._sent_since_batch.values()) - free)
+
+    def waiting_by_tenant(self) -> dict[str, int]:
+        """Requests waiting in the engine per tenant (as of the last step, plus those sent since)."""
+        waiting = dict(self._stats.waiting_by_tenant)
+        for tenant, n in self._sent_since_batch.items():
+            waiting[tenant] = waiting.get(tenant, 0) + n
+        return waiting
 
     def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = ()) -> Prefix:
         """Check kv [L, 2, Hkv, P, hd] against the engine's model (once); a host copy in its dtype."""
@@ -254,26 +269,35 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
                        prefix: Prefix | None = None, stream: bool = True,
-                       timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
+                       timeout_s: float | None = None, tenant: str = "") -> AsyncIterator[RequestOutput]:
         """The request's outputs: deltas as they come (stream) or only the finished one, for
         each of its sampling.n samples (RequestOutput.index); it ends when all n finished.
+        `tenant` labels whose it is (the batch is shared fairly between tenants).
         Past `timeout_s` the request is aborted and RequestTimeoutError raised (one timer per
-        request, nothing per token)."""
+        request, nothing per token). `tenant` labels whose request it is: the engine shares
+        the batch fairly between tenants, and once `max_waiting` requests wait, a tenant may
+        still queue up to its share of them (QueueFullError beyond it), so one tenant's
+        backlog never shuts the others out."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop stopped: {self._error}")
         if self.limits is None:
             self.connect()
         check_request(self.limits, prompt_token_ids, sampling, prefix)  # raises RequestError
         if self.num_waiting >= self.max_waiting:
-            raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+            waiting = self.waiting_by_tenant()
+            share = queue_share(waiting, tenant, self.max_waiting)
+            if waiting.get(tenant, 0) >= share:
+                raise QueueFullError(f"{self.num_waiting} requests are already waiting (the queue holds {self.max_waiting}), "
+                                     f"{waiting.get(tenant, 0)} of them yours; your share is {share}")
         if request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
         sink: asyncio.Queue = asyncio.Queue()
         self._sinks[request_id] = sink
-        add = AddRequest(request_id, list(prompt_token_ids), sampling, self._payload(prefix), time.monotonic(), stream)
+        add = AddRequest(request_id, list(prompt_token_ids), sampling, self._payload(prefix), time.monotonic(), stream,
+                         tenant)
         self._inflight[request_id] = (add, prefix)
         self._channel.send(add)
-        self._sent_since_batch += 1
+        self._sent_since_batch[tenant] = self._sent_since_batch.get(tenant, 0) + 1
         timer = None if timeout_s is None else asyncio.get_running_loop().call_later(
             timeout_s, sink.put_nowait, RequestTimeoutError(f"the request ran longer than {timeout_s:g} s"))
         finished = False
@@ -347,7 +371,7 @@ class AsyncEngine:
             self._die(message.error)
             return
         batch: StepBatch = message
-        self._sent_since_batch = 0
+        self._sent_since_batch.clear()
         if batch.stats is not None:
             self._stats = batch.stats
         self._core_has.difference_update(batch.forgotten)

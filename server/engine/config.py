@@ -12,6 +12,9 @@ class EngineConfig:
     kv_cache_bytes: int = 512 * 2**20  # budget for the KV pool when num_blocks is None
     max_num_seqs: int = 128  # running requests at most
     max_num_batched_tokens: int = 1024  # tokens in one forward pass (prefill chunks + decodes)
+    # Query x key pairs of prefill attention in one step (new tokens x the keys each attends
+    # to): a long prompt's chunks shrink as its context grows, so a step stays short.
+    prefill_attention_budget: int = 1 << 20
     max_model_len: int | None = None  # None: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
@@ -25,5 +28,7 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.prefill_attention_budget < 1:
+            raise ValueError(f"prefill_attention_budget must be positive, got {self.prefill_attention_budget}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

@@ -48,6 +48,7 @@ class AddRequest:
     prefix: PrefixPayload | None
     arrival_time: float
     stream: bool = True  # False: only the finished output is sent (one message per request)
+    tenant: str = ""  # whose request (fair scheduling between tenants)
 
 
 @dataclass
@@ -137,7 +138,8 @@ class EngineCore:
                 self._batch.need_prefix.append(cmd.request_id)
                 return
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.sampling, prefix, cmd.arrival_time)
+            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.sampling, prefix, cmd.arrival_time,
+                                    cmd.tenant)
         except Exception as e:  # noqa: BLE001 - the caller learns why; the loop goes on
             self._batch.rejected.append((cmd.request_id, e))
             return

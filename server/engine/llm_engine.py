@@ -65,14 +65,16 @@ class LLMEngine:
         check_request(self.limits, prompt_token_ids, sampling, prefix)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    prefix: Prefix | None = None, arrival_time: float | None = None) -> None:
-        """Queue a request. With sampling.n > 1 its n samples share one request id; sample 0
-        computes the prompt and the others fork from it (sharing its blocks) when it is done."""
+                    prefix: Prefix | None = None, arrival_time: float | None = None, tenant: str = "") -> None:
+        """Queue a request; `tenant` labels whose it is (the batch is shared fairly between tenants).
+        With sampling.n > 1 its n samples share one request id; sample 0 computes the prompt and
+        the others fork from it (sharing its blocks) when it is done."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, sampling, prefix)
         prompt = [int(t) for t in prompt_token_ids]
-        samples = [Request(request_id, prompt, sampling, prefix, index=i) for i in range(sampling.n)]
+        samples = [Request(request_id, prompt, sampling, prefix, index=i, tenant=str(tenant))
+                   for i in range(sampling.n)]
         for req in samples:
             if arrival_time is not None:
                 req.arrival_time = arrival_time
@@ -338,6 +340,7 @@ class LLMEngine:
         prefixes = self.kv.prefixes
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            waiting_by_tenant=self.scheduler.waiting_by_tenant(),
             kv_blocks_total=self.kv.num_blocks, kv_blocks_free=self.kv.num_free,
             kv_blocks_used_by_prefixes=prefixes.num_blocks, prefixes_resident=len(prefixes),
             prefixes_resident_bytes=prefixes.nbytes, prefix_hits=prefixes.hits, prefix_misses=prefixes.misses,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -50,6 +50,7 @@ class EngineStats:
 
     num_running: int = 0
     num_waiting: int = 0
+    waiting_by_tenant: dict[str, int] = field(default_factory=dict)  # tenants with waiting requests
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
     kv_blocks_used_by_prefixes: int = 0

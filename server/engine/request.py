@@ -79,6 +79,7 @@ class Request:
     sampling: SamplingParams
     prefix: Prefix | None = None  # already composed; None = base model
     arrival_time: float = field(default_factory=time.monotonic)
+    tenant: str = ""  # whose request: the scheduler shares the batch fairly between tenants
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -178,3 +178,46 @@ def test_an_unshared_admin_prefix_is_not_reached_through_the_outage_fallback():
     assert asyncio.run(resolver.resolve("admin", ["private"])).refs[0].version == "v1"  # its owner keeps it
     with pytest.raises(PrefixUnavailable):
         asyncio.run(resolver.resolve("t", ["shared/private"]))
+
+
+class CountingStore(DictStore):
+    """Records how many tensor reads run at once, and the most ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.now = self.most = 0
+
+    def get_version(self, tenant: str, pid: str, version: str) -> torch.Tensor | None:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return super().get_version(tenant, pid, version)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def test_cold_loads_are_capped_and_a_resident_prefix_is_served_during_a_storm():
+    store = CountingStore()
+    for i in range(12):
+        store.put("t", f"cold{i}", "v1", float(i))
+    store.put("t", "warm", "v1", 99.0)
+    resolver = PrefixResolver(store, lambda kv, refs: Prefix(kv=kv.clone(), spec=SPEC, refs=refs),
+                              HostPrefixes(1 << 20), "fp", max_concurrent_loads=3)
+    asyncio.run(resolver.resolve("t", ["warm"]))  # resident from now on
+
+    async def run():
+        storm = [asyncio.ensure_future(resolver.resolve("t", [f"cold{i}"])) for i in range(12)]
+        await asyncio.sleep(0)
+        warm = await resolver.resolve("t", ["warm"])
+        reads_when_warm_served = store.tensor_reads
+        cold = await asyncio.gather(*storm)
+        return warm, reads_when_warm_served, cold
+
+    warm, reads_when_warm_served, cold = asyncio.run(run())
+    assert store.most == 3  # never more than the cap at once (12 were asked for together)
+    assert warm.kv.eq(99.0).all() and reads_when_warm_served < 12  # served before the storm was through
+    assert [p.kv[0, 0, 0, 0, 0].item() for p in cold] == [float(i) for i in range(12)]
+    assert store.tensor_reads == 1 + 12

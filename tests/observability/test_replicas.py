@@ -135,6 +135,41 @@ def test_a_revoked_key_stops_working_on_the_other_replica(replicas, revoke):
             assert c.get("/v1/prefixes").status_code == 200
 
 
+def test_tenant_limits_hold_across_replicas(replicas, vocab):
+    """Limits set through B apply on A; tokens a tenant spent on A are spent on B too (one
+    bucket in Redis: 429 with Retry-After there), while another tenant is not affected;
+    the storage quota counts uploads through both."""
+    a, b = replicas
+    with a.client() as c:
+        keys = {}
+        for tenant in ("metered", "bystander"):
+            r = c.post("/v1/admin/tenants", json={"tenant_id": tenant})
+            assert r.status_code == 201, r.text
+            keys[tenant] = r.json()["api_key"]
+    with b.client() as c:
+        r = c.put("/v1/admin/tenants/metered/limits", json={"tokens_per_minute": 60, "burst_tokens": 40,
+                                                             "max_prefixes": 1})
+        assert r.status_code == 200, r.text
+    body = {"prompt": [5, 6, 7, 8], "max_tokens": 16, "ignore_eos": True}  # 20 tokens: prompt + max_tokens
+    with a.client(keys["metered"]) as c:
+        assert c.post("/v1/generate", json=body).status_code == 200
+        assert c.post("/v1/generate", json=body).status_code == 200
+    with b.client(keys["metered"]) as c:
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1 and "60 tokens per minute" in r.json()["error"]["message"]
+    with b.client(keys["bystander"]) as c:
+        assert c.post("/v1/generate", json=body).status_code == 200
+    with a.client(keys["metered"]) as c:
+        assert upload(c, "one", make_adapter(vocab, 4, seed=31).zip_bytes).status_code == 201
+    with b.client(keys["metered"]) as c:
+        r = upload(c, "two", make_adapter(vocab, 4, seed=32).zip_bytes)
+        assert r.status_code == 403 and "its quota is 1" in r.json()["error"]["message"]
+    with a.client() as c:
+        info = c.get("/v1/admin/tenants/metered").json()
+        assert info["storage"]["prefixes"] == 1 and info["overrides"]["tokens_per_minute"] == 60
+
+
 def generate_counts(replicas: tuple[ServerProcess, ...]) -> list[float]:
     return [value(scrape(r.url), "prefix_serve_http_requests_total", route=route, status="200")
             for r in replicas for route in ("/v1/generate", "/v1/completions")]

@@ -48,6 +48,8 @@ def test_all_keys_of_a_tenant_share_one_slot():
     assert len({key_slot(n.encode()) for n in names}) == 1
     assert hash_tag(keys.prefixes("other")) != hash_tag(keys.prefixes("acme"))
     assert hash_tag(keys.tenants()) == hash_tag(keys.api_keys()) == "tenants"
+    # the admission script touches two keys at once: one slot
+    assert hash_tag(keys.inflight("acme")) == hash_tag(keys.token_bucket("acme")) == hash_tag(keys.usage("acme"))
 
 
 def test_keys_written_by_a_put_share_the_tenant_slot(store, raw):
@@ -55,7 +57,7 @@ def test_keys_written_by_a_put_share_the_tenant_slot(store, raw):
     store.put("acme", "user:bob", make_kv(1), model_fingerprint=FINGERPRINT)  # old tensor in grace
     store.put("acme", "task", make_kv(2), model_fingerprint=FINGERPRINT)
     written = [k.decode() for k in namespace_keys(raw, store.keys.namespace)]
-    assert len(written) == 4  # index + 3 tensors
+    assert len(written) == 5  # index + 3 tensors + storage usage
     assert {hash_tag(k) for k in written} == {"t:acme"}
 
 
