@@ -27,7 +27,7 @@ def test_a_short_request_of_another_tenant_finishes_while_a_long_prompt_prefills
     for _ in range(2):
         engine.step()
         chunks.append(engine.stats().last_step_tokens)
-    a = engine.requests["a"]
+    [a] = engine.requests["a"]  # its one sample
     assert a.num_computed_tokens == sum(chunks) < 8000 and not a.output_token_ids  # still prefilling
 
     engine.add_request("b", short_prompt, SamplingParams(max_tokens=1), tenant="tenant-b")
