@@ -8,6 +8,7 @@ key hashes share the tag `{tenants}` for the same reason.
     ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv
     ps:{t:acme}:incarnation                      string  the tenant's incarnation id, or the
                                                          tombstone "deleting" / "deleted"
+    ps:{t:acme}:settings                         hash  the tenant's own settings (TenantSettings)
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
     ps:events                                    pub/sub channel of PrefixEvent JSON
@@ -55,6 +56,9 @@ class Keys:
 
     def incarnation(self, tenant: str) -> str:
         return f"{self._tenant_base(tenant)}:incarnation"
+
+    def settings(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:settings"
 
     def tensor_pattern(self, tenant: str) -> str:
         """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""

@@ -26,6 +26,11 @@ class PrefixRecord:
     description: str
     model_fingerprint: str  # the base model the prefix was made for
     shared: bool = False  # the admin tenant's prefix, usable by every tenant as `shared/<id>`
+    # The prefixes it was trained after, in order (a personalization job records its task
+    # prefix and that prefix's version; () = trained alone). Serving it after anything else
+    # is refused unless the request allows it (server/api/prefix_resolver.py). None: not
+    # recorded (uploads, and prefixes stored before this field existed): no check.
+    trained_after: tuple[PrefixRef, ...] | None = None
 
     @property
     def ref(self) -> PrefixRef:
@@ -46,7 +51,10 @@ class PrefixRecord:
         if missing:
             raise ValueError(f"prefix record lacks fields {sorted(missing)}")
         # unknown fields are ignored so that a newer writer does not break an older reader
-        return cls(**{name: data[name] for name in names if name in data})
+        values = {name: data[name] for name in names if name in data}
+        if values.get("trained_after") is not None:
+            values["trained_after"] = tuple(PrefixRef(**ref) for ref in values["trained_after"])
+        return cls(**values)
 
 
 EventKind = Literal["put", "delete"]

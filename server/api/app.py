@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from prefix_store import PrefixStore
 from prefix_store.job_queue import JobQueue
-from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
+from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize, routes_tenant,
                         routes_prefixes)
 from server.api.auth import Authenticator
 from server.api.body_limit import BodyLimitMiddleware
@@ -70,8 +70,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
                   description="Multi-tenant serving of prefix-tuned language models.", **docs)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (routes_generate, routes_openai, routes_prefixes, routes_personalize, routes_admin,
-                   routes_ops):
+    for module in (routes_generate, routes_openai, routes_prefixes, routes_personalize, routes_tenant,
+                   routes_admin, routes_ops):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)

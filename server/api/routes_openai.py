@@ -4,7 +4,8 @@
 name for no prefix. Streaming follows OpenAI: `chat.completion.chunk` /
 `text_completion` chunks, an optional usage chunk (`stream_options.include_usage`), then
 `data: [DONE]`. Extensions (sent with the client's `extra_body`): `top_k`, `user_id`,
-`ignore_eos`.
+`ignore_eos`. OpenAI's own `user` field selects the end user's prefix `user:<user>` (when
+it exists) for a tenant that opted in (PATCH /v1/tenant/settings, `openai_user_prefix`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,33 @@ from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
 from server.api.generation import (
     GenerationJob, complete, finish_reason_name, open_stream, prefix_names, prepare)
+from server.api.prefix_resolver import PrefixNotFound
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIFields
 from server.api.sse import sse_response
 from server.engine.outputs import RequestOutput
+from server.prefix import USER_PREFIX, InvalidIdError
 
 router = APIRouter(tags=["openai"])
 
 
-def _names(ctx: ServerContext, body: OpenAIFields) -> list[str]:
+async def _names(ctx: ServerContext, caller: Caller, body: OpenAIFields) -> list[str]:
     model = None if body.model == ctx.model_name else body.model
-    return prefix_names(model, body.user_id)
+    user_id = body.user_id
+    if user_id is None and body.user and await asyncio.to_thread(_user_has_prefix, ctx, caller, body.user):
+        user_id = body.user
+    return prefix_names(model, user_id)
+
+
+def _user_has_prefix(ctx: ServerContext, caller: Caller, user: str) -> bool:
+    """Whether OpenAI's `user` selects the prefix `user:<user>`: the tenant opted in and that
+    prefix exists (a `user` that names no personalized user is only a tag, as on OpenAI)."""
+    if not ctx.store.tenant_settings(caller.tenant).openai_user_prefix:
+        return False
+    try:
+        ctx.resolver.record_of(caller.tenant, USER_PREFIX + user)
+    except (PrefixNotFound, InvalidIdError):
+        return False
+    return True
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -40,9 +58,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
-    job = await prepare(ctx, caller, names=_names(ctx, body), prompt=body.single_prompt(), messages=None,
-                        fields=body, max_tokens=body.max_tokens, id_prefix="cmpl",
-                        parse_special_tokens=body.parse_special_tokens)
+    names = await _names(ctx, caller, body)
+    job = await prepare(ctx, caller, names=names, prompt=body.single_prompt(), messages=None, fields=body,
+                        max_tokens=body.max_tokens, id_prefix="cmpl", parse_special_tokens=body.parse_special_tokens)
     created = int(time.time())
     head = {"id": job.request_id, "object": "text_completion", "created": created, "model": body.model}
     if body.stream:
@@ -71,8 +89,9 @@ async def _completion_chunks(head: dict, job: GenerationJob, outputs: AsyncItera
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    job = await prepare(ctx, caller, names=_names(ctx, body), prompt=None, messages=body.messages,
-                        fields=body, max_tokens=max_tokens, id_prefix="chatcmpl")
+    names = await _names(ctx, caller, body)
+    job = await prepare(ctx, caller, names=names, prompt=None, messages=body.messages, fields=body,
+                        max_tokens=max_tokens, id_prefix="chatcmpl")
     created = int(time.time())
     head = {"id": job.request_id, "object": "chat.completion", "created": created, "model": body.model}
     if body.stream:
