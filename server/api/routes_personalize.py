@@ -28,6 +28,7 @@ from server.api.errors import ApiError
 from server.api.prefix_resolver import PrefixNotFound
 from server.prefix import InvalidIdError, shorten, user_prefix_id
 from server.training.data import Example, tokenize
+from server.training import recipe
 from server.training.job_spec import BasePrefix, JobSpec
 
 router = APIRouter(tags=["personalization"])
@@ -65,7 +66,8 @@ class PersonalizeRequest(BaseModel):
     num_virtual_tokens: int = Field(10, description="length of the user's prefix")
     steps: int | None = Field(None, description="optimizer steps (default: derived from the data, with "
                                                 "early stopping on held-out examples)")
-    learning_rate: float = Field(5e-3, description="peak AdamW learning rate, decayed linearly to 0")
+    learning_rate: float | None = Field(None, description="peak AdamW learning rate, decayed linearly to 0 "
+                                                          f"(default {recipe.LEARNING_RATE})")
     init_text: str | None = Field(None, min_length=1, max_length=2000,
                                   description="real words the prefix starts from (default: the first example)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -124,7 +126,8 @@ async def personalize(user_id: str, body: PersonalizeRequest, request: Request, 
     base, base_len = await _base_prefix(ctx, caller, body.base_prefix_id)
     await asyncio.to_thread(_check_lengths, ctx, examples, body.num_virtual_tokens, base_len)
     spec = JobSpec(examples=examples, num_virtual_tokens=body.num_virtual_tokens, steps=body.steps,
-                   learning_rate=body.learning_rate, model_fingerprint=ctx.spec.fingerprint, init_text=body.init_text,
+                   learning_rate=recipe.LEARNING_RATE if body.learning_rate is None else body.learning_rate,
+                   model_fingerprint=ctx.spec.fingerprint, init_text=body.init_text,
                    seed=body.seed, base_prefix=base,
                    tenant_incarnation=await asyncio.to_thread(ctx.store.tenant_incarnation, caller.tenant),
                    max_steps=ctx.settings.max_train_steps, kl_weight=body.kl_weight,
@@ -166,7 +169,7 @@ def _check_numbers(ctx: ServerContext, body: PersonalizeRequest) -> None:
     if not 1 <= body.num_virtual_tokens <= s.max_train_virtual_tokens:
         raise ApiError(400, f"num_virtual_tokens must be between 1 and {s.max_train_virtual_tokens}, "
                             f"got {body.num_virtual_tokens}")
-    if not 0 < body.learning_rate <= MAX_LEARNING_RATE:
+    if body.learning_rate is not None and not 0 < body.learning_rate <= MAX_LEARNING_RATE:
         raise ApiError(400, f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {body.learning_rate}")
     if ctx.tokenizer is None:
         raise ApiError(400, "this server's model has no tokenizer; personalization needs one to read the examples")

@@ -5,7 +5,10 @@
     split      HELD_OUT_FRACTION of the examples (whole examples, both forms) are held out
                when there are at least MIN_EXAMPLES_TO_HOLD_OUT; never more than MAX_HELD_OUT
     steps      EPOCHS passes over the training sequences, within [MIN_STEPS, MAX_STEPS]
-               (or the job's own `steps`); warmup WARMUP_FRACTION of them
+               (or the job's own `steps`); warmup WARMUP_FRACTION of them; peak learning
+               rate LEARNING_RATE (5e-3 throws SmolLM2's prefix off at the first AdamW step:
+               the training loss goes 2.7 -> 13 and needs ~100 steps to come back, which
+               early stopping rightly refuses; 1e-3 falls steadily, 2.7 -> 0.3 in 16 steps)
     stopping   the held-out loss every ~steps/EVALUATIONS steps; the best prefix is kept and
                training stops after PATIENCE evaluations without a better one
     knowledge  KL to the frozen base model (regularizer.py), weight KL_WEIGHT, at every
@@ -29,13 +32,14 @@ from server.training.trainer import TrainConfig
 HELD_OUT_FRACTION = 0.2
 MIN_EXAMPLES_TO_HOLD_OUT = 4  # with fewer, every example is needed to learn from
 MAX_HELD_OUT = 64
-EPOCHS = 40
+EPOCHS = 20
 MIN_STEPS = 30
 MAX_STEPS = 1000
 WARMUP_FRACTION = 0.1
 EVALUATIONS = 20  # held-out evaluations over a full run
 PATIENCE = 4
 KL_WEIGHT = 1.0
+LEARNING_RATE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Plan:
 
 def plan_job(tokenizer, examples: list[Example], *, max_length: int, steps: int | None = None,
              max_steps: int = MAX_STEPS,
-             num_virtual_tokens: int = 10, learning_rate: float = 5e-3, batch_size: int = 8, mid_dim: int = 512,
+             num_virtual_tokens: int = 10, learning_rate: float = LEARNING_RATE, batch_size: int = 8, mid_dim: int = 512,
              init_text: str | None = None, seed: int = 0, kl_weight: float | None = None,
              held_out_fraction: float | None = None) -> Plan:
     """The training run for a personalization job (see the module docstring). Raises

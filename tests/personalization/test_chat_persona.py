@@ -31,7 +31,8 @@ def trained(chat_service) -> tuple[str, dict]:
     with chat_service.client(key) as c:
         # kl_weight 0: a random tiny model has no knowledge to keep (the term is tested in
         # tests/training/test_recipe.py); memorising exactly is what shows each form is trained
-        r = c.post("/v1/users/ada/personalize", json={"examples": PAIRS + [CHAT], "steps": 300, "kl_weight": 0})
+        r = c.post("/v1/users/ada/personalize", json={"examples": PAIRS + [CHAT], "steps": 300, "kl_weight": 0,
+                                                            "learning_rate": 5e-3})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
         job = wait_for(lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,

@@ -73,12 +73,12 @@ def test_a_default_job_reports_held_out_and_base_losses_and_keeps_the_best_prefi
 
     worker, queue, store, fingerprint = parts
     examples = EXAMPLES + [{"prompt": f"name: {n}\nsays:", "completion": f" hello {n}"} for n in ("Cy", "Di", "Ed")]
-    spec = {**job_spec(fingerprint), "examples": examples, "steps": None, "max_steps": 40}
+    spec = {**job_spec(fingerprint), "examples": examples, "steps": None, "max_steps": 25}
     job_id = queue.submit("acme", "ada", spec)
     assert worker.run_job(queue.claim("w1")) == JobStatus.SUCCEEDED
     m = queue.get("acme", job_id).metrics
     assert m["examples"] == 5 and m["held_out_examples"] == 1 and m["evaluated_on"] == "held_out"
-    assert m["max_steps"] == 40 and 1 <= m["steps"] <= 40 and 0 <= m["best_step"] <= m["steps"]
+    assert m["max_steps"] == 25 and 1 <= m["steps"] <= 25 and 0 <= m["best_step"] <= m["steps"]
     assert m["kl_weight"] == recipe.KL_WEIGHT
     # the numbers are those of the published prefix and of the bare model on the held-out example
     record, kv = store.get("acme", "user:ada")
