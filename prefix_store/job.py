@@ -54,6 +54,7 @@ class Job:
     cancel_requested: bool
     lease: str | None  # the current attempt's token; only its holder may report or finish
     entry_id: str | None  # the stream entry that carries it
+    metrics: dict[str, Any] | None = None  # what the worker measured (server/training/worker.py: JobMetrics)
 
     @classmethod
     def from_hash(cls, job_id: str, h: dict[str, str]) -> "Job":
@@ -70,7 +71,8 @@ class Job:
             loss=opt_float("loss"), error=opt_str("error"), prefix_id=opt_str("prefix_id"),
             version=opt_str("version"), created_at=float(h["created_at"]), started_at=opt_float("started_at"),
             finished_at=opt_float("finished_at"), attempts=int(h.get("attempts") or 0), worker=opt_str("worker"),
-            cancel_requested=h.get("cancel") == "1", lease=opt_str("lease"), entry_id=opt_str("entry"))
+            cancel_requested=h.get("cancel") == "1", lease=opt_str("lease"), entry_id=opt_str("entry"),
+            metrics=json.loads(h["metrics"]) if h.get("metrics") else None)
 
 
 class TooManyJobsError(RuntimeError):

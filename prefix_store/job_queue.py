@@ -120,6 +120,13 @@ redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 return 1
 """
 
+# KEYS job | ARGV lease, metrics (JSON)
+_REPORT = """
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'metrics', ARGV[2])
+return 1
+"""
+
 # KEYS job, active | ARGV tenant, now, ttl, job_id
 # KEYS tenant jobs, active, stream | ARGV job key prefix
 _DELETE_TENANT = """
@@ -312,6 +319,13 @@ class JobQueue:
             return bool(self._scripts["release"](
                 keys=[self.job_key(job.job_id), self.stream],
                 args=[self.group, job.entry_id, job.lease, job.job_id]))
+
+    def report(self, job: Job, metrics: dict[str, Any]) -> bool:
+        """Write what the running attempt measured (losses, steps) into the job; False if the
+        lease was lost. A new attempt's reports replace an earlier attempt's."""
+        with self._guard():
+            return bool(self._r.register_script(_REPORT)(
+                keys=[self.job_key(job.job_id)], args=[job.lease, json.dumps(metrics, sort_keys=True)]))
 
     def ping(self) -> bool:
         try:

@@ -12,6 +12,7 @@ key hashes share the tag `{tenants}` for the same reason.
     ps:{t:acme}:usage                            hash  bytes, prefixes: what the tenant stores
     ps:{t:acme}:inflight                         zset  request id -> lease expiry (queue cap)
     ps:{t:acme}:bucket                           hash  tokens, ts: the token-rate bucket
+    ps:{t:acme}:settings                         hash  the tenant's own settings (TenantSettings)
     ps:{tenants}:tenants                         hash  tenant id -> tenant JSON (key hash)
     ps:{tenants}:api_keys                        hash  sha256(api key) -> tenant id
     ps:{tenants}:sync                            string  as ps:{t:acme}:sync, for the directory
@@ -73,6 +74,9 @@ class Keys:
 
     def token_bucket(self, tenant: str) -> str:
         return f"{self._tenant_base(tenant)}:bucket"
+
+    def settings(self, tenant: str) -> str:
+        return f"{self._tenant_base(tenant)}:settings"
 
     def tensor_pattern(self, tenant: str) -> str:
         """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""

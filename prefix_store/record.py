@@ -29,6 +29,11 @@ class PrefixRecord:
     # "tuned": learned vectors (an upload, a personalization job); "prompt": the keys and
     # values the model computed for a text (keys rotated at positions 0..P-1)
     kind: str = "tuned"
+    # The prefixes it was trained after, in order (a personalization job records its task
+    # prefix and that prefix's version; () = trained alone). Shown to its owner; serving does
+    # not check it yet. None: not recorded (uploads, and prefixes stored before this field
+    # existed).
+    trained_after: tuple[PrefixRef, ...] | None = None
 
     @property
     def ref(self) -> PrefixRef:
@@ -49,7 +54,10 @@ class PrefixRecord:
         if missing:
             raise ValueError(f"prefix record lacks fields {sorted(missing)}")
         # unknown fields are ignored so that a newer writer does not break an older reader
-        return cls(**{name: data[name] for name in names if name in data})
+        values = {name: data[name] for name in names if name in data}
+        if values.get("trained_after") is not None:
+            values["trained_after"] = tuple(PrefixRef(**ref) for ref in values["trained_after"])
+        return cls(**values)
 
 
 EventKind = Literal["put", "delete"]

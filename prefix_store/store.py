@@ -33,10 +33,11 @@ from prefix_store.errors import (NotReplicatedError, StoreIntegrityError, StoreU
                                  TenantExistsError)
 from prefix_store.keys import Keys
 from prefix_store.tenant_limits import StorageUsage, TenantLimits
+from server.prefix import PrefixRef
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord, TenantEvent
 from prefix_store.subscription import Subscription
-from prefix_store.tenants import TenantDirectory
+from prefix_store.tenants import TenantDirectory, TenantSettings
 
 MAX_DESCRIPTION_CHARS = 4096
 PREFIX_KINDS = ("tuned", "prompt")  # PrefixRecord.kind
@@ -72,7 +73,8 @@ class PrefixStore:
 
     def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
             description: str = "", incarnation: str | None = None, shared: bool = False,
-            kind: str = "tuned", limits: TenantLimits | None = None) -> tuple[PrefixRecord, bool]:
+            kind: str = "tuned", limits: TenantLimits | None = None,
+            trained_after: tuple[PrefixRef, ...] | None = None) -> tuple[PrefixRecord, bool]:
         """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
@@ -98,7 +100,8 @@ class PrefixStore:
             num_layers=int(layers), num_kv_heads=int(heads), head_dim=int(head_dim),
             dtype=str(kv.dtype).removeprefix("torch."), bytes=kv.numel() * kv.element_size(),
             created_at=time.time(), description=description, model_fingerprint=model_fingerprint,
-            shared=bool(shared), kind=kind)
+            shared=bool(shared), kind=kind,
+            trained_after=None if trained_after is None else tuple(trained_after))
         index = self.keys.prefixes(tenant)
         marker = self.keys.incarnation(tenant)
         event = PrefixEvent("put", tenant, prefix_id, version)
@@ -228,6 +231,16 @@ class PrefixStore:
             value = self._r.get(self.keys.incarnation(validate_tenant(tenant_id)))
         return None if value in (None, DELETING, DELETED) else value.decode()
 
+    def tenant_settings(self, tenant_id: str) -> TenantSettings:
+        """The tenant's settings (the defaults until it changes one)."""
+        with self._guard():
+            return TenantSettings.from_hash(self._r.hgetall(self.keys.settings(validate_tenant(tenant_id))))
+
+    def update_tenant_settings(self, tenant_id: str, settings: TenantSettings) -> TenantSettings:
+        with self._guard():
+            self._r.hset(self.keys.settings(validate_tenant(tenant_id)), mapping=settings.to_hash())
+        return settings
+
     def rotate_key(self, tenant_id: str) -> str | None:
         """A new API key for the tenant (shown once; stored hashed); the old one stops working
         at once here, and on every replica when it hears the event. None: no such tenant."""
@@ -290,7 +303,8 @@ class PrefixStore:
             # no reader can reach these any more; do not wait for the grace period
             for key in self._r.scan_iter(match=self.keys.tensor_pattern(tenant_id), count=500):
                 self._r.unlink(key)
-            self._r.unlink(self.keys.usage(tenant_id), self.keys.inflight(tenant_id), self.keys.token_bucket(tenant_id))
+            self._r.unlink(self.keys.usage(tenant_id), self.keys.inflight(tenant_id), self.keys.token_bucket(tenant_id),
+                           self.keys.settings(tenant_id))
             self._r.set(marker, DELETED)
             self._replicated(tenant_id)
         return True

@@ -7,6 +7,7 @@ import hmac
 import json
 import secrets
 import time
+from dataclasses import dataclass, fields
 
 import redis
 
@@ -17,6 +18,24 @@ from server.prefix.ids import validate_tenant
 
 API_KEY_PREFIX = "ps-"
 API_KEY_LENGTH = len(API_KEY_PREFIX) + 32  # token_urlsafe(24) gives 32 characters
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    """What a tenant chooses for its own requests (PATCH /v1/tenant/settings)."""
+
+    # On the OpenAI routes, OpenAI's `user` field selects that end user's personalized
+    # prefix `user:<user>` (when it has one), as the `user_id` extension does.
+    openai_user_prefix: bool = False
+
+    def to_hash(self) -> dict[str, str]:
+        return {f.name: "1" if getattr(self, f.name) else "0" for f in fields(self)}
+
+    @classmethod
+    def from_hash(cls, h: dict) -> "TenantSettings":
+        known = {f.name for f in fields(cls)}
+        values = {(k.decode() if isinstance(k, bytes) else k): v for k, v in h.items()}
+        return cls(**{k: v in (b"1", "1") for k, v in values.items() if k in known})
 
 
 def new_api_key() -> str:

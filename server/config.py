@@ -128,7 +128,8 @@ class Settings(BaseSettings):
 
     # --- the training worker (`prefix-serve worker`)
     train_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="the worker's training dtype (float32 trains best; it may differ from serve's)")
+        "auto", description="the frozen model's dtype in the worker while it trains (auto: bfloat16 where the "
+                            "hardware computes it natively, ~2x faster; the prefix itself trains in float32)")
     train_mid_dim: int = Field(512, ge=1, description="hidden width of the MLP reparameterization")
     train_batch_size: int = Field(8, ge=1, description="examples per training step")
     worker_name: str | None = Field(None, description="this worker's name in the consumer group (default host-pid)")

@@ -19,7 +19,7 @@ from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
 from prefix_store.rate_limits import RateLimiter
 from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
-                        routes_prefixes, routes_tokenize)
+                        routes_prefixes, routes_tenant, routes_tokenize)
 from server.api.admission import Admission
 from server.api.audit import AuditMiddleware
 from server.api.auth import Authenticator
@@ -92,7 +92,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
                   description="Multi-tenant serving of prefix-tuned language models.", **docs)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (routes_generate, routes_openai, routes_tokenize, routes_prefixes, routes_personalize,
+    for module in (routes_generate, routes_openai, routes_tokenize, routes_prefixes, routes_personalize, routes_tenant,
                    routes_admin, routes_ops):
         app.include_router(module.router)
     app.add_middleware(AuditMiddleware, audit=ctx.audit, admin_tenant=settings.admin_tenant)  # innermost

@@ -4,7 +4,8 @@
 name for no prefix. Streaming follows OpenAI: `chat.completion.chunk` /
 `text_completion` chunks, an optional usage chunk (`stream_options.include_usage`), then
 `data: [DONE]`. Extensions (sent with the client's `extra_body`): `top_k`, `user_id`,
-`ignore_eos`.
+`ignore_eos`. OpenAI's own `user` field selects the end user's prefix `user:<user>` (when
+it exists) for a tenant that opted in (PATCH /v1/tenant/settings, `openai_user_prefix`).
 
 Completions take a list of prompts, `n`, `best_of`, `logprobs` and `echo` (with
 `max_tokens: 0` and `logprobs`, a prompt is only scored: what evaluation harnesses send);
@@ -27,16 +28,33 @@ from server.api.errors import ApiError
 from server.api.generation import (
     Completion, GenerationJob, Sample, complete, finish_reason_name, open_stream, prefix_names, prepare)
 from server.api.openai_logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, merge_blocks
+from server.api.prefix_resolver import PrefixNotFound
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIFields
 from server.api.sse import sse_response
 from server.engine.outputs import RequestOutput
+from server.prefix import USER_PREFIX, InvalidIdError
 
 router = APIRouter(tags=["openai"])
 
 
-def _names(ctx: ServerContext, body: OpenAIFields) -> list[str]:
+async def _names(ctx: ServerContext, caller: Caller, body: OpenAIFields) -> list[str]:
     model = None if body.model == ctx.model_name else body.model
-    return prefix_names(model, body.user_id)
+    user_id = body.user_id
+    if user_id is None and body.user and await asyncio.to_thread(_user_has_prefix, ctx, caller, body.user):
+        user_id = body.user
+    return prefix_names(model, user_id)
+
+
+def _user_has_prefix(ctx: ServerContext, caller: Caller, user: str) -> bool:
+    """Whether OpenAI's `user` selects the prefix `user:<user>`: the tenant opted in and that
+    prefix exists (a `user` that names no personalized user is only a tag, as on OpenAI)."""
+    if not ctx.store.tenant_settings(caller.tenant).openai_user_prefix:
+        return False
+    try:
+        ctx.resolver.record_of(caller.tenant, USER_PREFIX + user)
+    except (PrefixNotFound, InvalidIdError):
+        return False
+    return True
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -70,7 +88,8 @@ async def completions(body: CompletionRequest, request: Request, caller: Caller 
     # best_of ranks by logprob: computed even when the client did not ask for them
     logprobs = body.logprobs if body.logprobs is not None else (0 if samples > body.n else None)
     scoring = body.echo and body.logprobs is not None
-    jobs = await prepare(ctx, caller, names=_names(ctx, body), prompts=prompts, fields=body,
+    names = await _names(ctx, caller, body)
+    jobs = await prepare(ctx, caller, names=names, prompts=prompts, fields=body,
                          max_tokens=body.max_tokens, id_prefix="cmpl", parse_special_tokens=body.parse_special_tokens,
                          n=samples, logprobs=logprobs if body.max_tokens else None,
                          prompt_logprobs=body.logprobs if scoring else (0 if body.max_tokens == 0 else None))
@@ -147,7 +166,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     _check_choices(ctx, 1, body.n)
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = body.top_logprobs or 0
-    (job,) = await prepare(ctx, caller, names=_names(ctx, body), messages=body.messages, fields=body,
+    names = await _names(ctx, caller, body)
+    (job,) = await prepare(ctx, caller, names=names, messages=body.messages, fields=body,
                            max_tokens=max_tokens, id_prefix="chatcmpl", n=body.n,
                            logprobs=top if body.logprobs else None)
     head = {"id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}

@@ -109,7 +109,7 @@ class OpenAIFields(SamplingFields):
     n: int = Field(1, ge=1, le=MAX_SAMPLES, description="choices per prompt; they share the prompt's KV blocks")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # OpenAI's end-user tag: accepted, not used
+    user: str | None = None  # OpenAI's end-user tag: selects `user:<user>` if the tenant opted in (routes_openai)
     user_id: str | None = Field(None, description="extension: append the prefix 'user:<user_id>'")
 
 

@@ -69,7 +69,7 @@ def _work(settings: Settings, stop: _StopFlag) -> int:
     from prefix_store import PrefixStore
     from prefix_store.connection import redacted
     from prefix_store.job_queue import JobQueue
-    from server.engine.model_loader import load_model
+    from server.engine.model_loader import load_model, resolve_device, resolve_dtype
     from server.training.worker import Worker, WorkerConfig
 
     if settings.worker_nice:
@@ -77,7 +77,10 @@ def _work(settings: Settings, stop: _StopFlag) -> int:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     consumer = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
-    loaded = load_model(settings.model, dtype=settings.train_dtype, device=settings.device, cache_dir=settings.cache_dir)
+    # float32 first: the fingerprints of every dtype a server may serve in come from the
+    # weights as stored; the worker then casts its copy to the training dtype.
+    loaded = load_model(settings.model, dtype="float32", device=settings.device, cache_dir=settings.cache_dir)
+    train_dtype = resolve_dtype(settings.train_dtype, resolve_device(settings.device))
     if stop.count:  # a signal arrived while the model loaded
         return 0
     durability = {"wait_replicas": settings.wait_replicas_for(settings.redis_url),
@@ -86,7 +89,8 @@ def _work(settings: Settings, stop: _StopFlag) -> int:
                      max_attempts=settings.job_max_attempts, **durability)
     store = PrefixStore(settings.redis_url, namespace=settings.namespace, **durability)
     config = WorkerConfig(consumer=consumer, mid_dim=settings.train_mid_dim, batch_size=settings.train_batch_size,
-                          heartbeat_s=min(5.0, settings.job_claim_timeout_s / 4), max_jobs=settings.worker_max_jobs)
+                          heartbeat_s=min(5.0, settings.job_claim_timeout_s / 4), max_jobs=settings.worker_max_jobs,
+                          train_dtype=train_dtype)
     worker = Worker(loaded.model, loaded.tokenizer, queue, store, config)
     if settings.metrics_port:
         from server.metrics import Metrics
@@ -95,7 +99,7 @@ def _work(settings: Settings, stop: _StopFlag) -> int:
         metrics.serve_http(settings.metrics_port, settings.metrics_host)
         worker.on_finished = metrics.record_job
     stop.worker = worker
-    print(f"prefix-serve worker {consumer}: model {loaded.name} ({settings.train_dtype}), queue at "
+    print(f"prefix-serve worker {consumer}: model {loaded.name} (training in {str(train_dtype).removeprefix('torch.')}), queue at "
           f"{redacted(settings.redis_url)}", flush=True)
     try:
         worker.run()

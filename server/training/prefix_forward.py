@@ -1,6 +1,11 @@
 """The frozen HF model run with a prefix as its past key/values: the training forward, the
 same call that reproduces PEFT (docs/peft-prefix-format.md, "Equivalent HF call").
 
+`forward_with_prefix` runs right-padded rows (the reference); `forward_packed` runs rows of
+packed sequences (packing.py) and returns only the logits asked for, which is what the
+trainer uses: the same logits for the same tokens, with no padding, each shared beginning
+computed once, and the LM head (a [hidden, vocab] matmul) only where a loss needs it.
+
 Semantics, for kv [L, 2, Hkv, P, hd] and a batch of B rows of T tokens (right-padded):
 
     cache    = DynamicCache(layer l: keys kv[l, 0], values kv[l, 1], broadcast over B)
@@ -14,11 +19,13 @@ A fresh cache is built for each call because HF's forward appends to it. Dynamic
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from transformers import DynamicCache
 
+from server.training.packing import PackedRows
 
 
 def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
@@ -66,6 +73,48 @@ def forward_with_prefix(
         use_cache=True,
     )
     return out.logits
+
+
+def forward_packed(
+    model: torch.nn.Module,
+    kv: torch.Tensor | None,  # [L, 2, Hkv, P, hd] or None for the bare model
+    rows: PackedRows,
+    outputs: torch.Tensor,  # [N] flat indices r * T + t of the tokens whose logits are wanted (repeats allowed)
+) -> torch.Tensor:
+    """Logits [N, V] of the frozen model with `kv` as prefix, at `outputs`; differentiable in kv.
+
+    Semantics: token t of row r sees every prefix slot and the row's tokens that
+    rows.visible[r, t] marks, at position P + rows.positions[r, t]; the logits of a token
+    are those it has in each packed sequence that contains it.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch, length = rows.input_ids.shape
+    prefix_len = 0 if kv is None else kv.shape[3]
+    # An additive mask (0 = seen) works with every attention implementation. Every query
+    # sees the prefix slots, so no row of the softmax is empty when there is a prefix; a pad
+    # without one sees only large negatives (finfo.min, not -inf: no NaN).
+    mask = torch.zeros(batch, 1, length, prefix_len + length, dtype=dtype, device=device)
+    mask[:, 0, :, prefix_len:].masked_fill_(~rows.visible.to(device), torch.finfo(dtype).min)
+    outputs = outputs.to(device)
+    keep = torch.zeros(batch * length, dtype=torch.bool, device=device)
+    keep[outputs] = True
+    kept = keep.nonzero().squeeze(1)  # sorted: the order logits_to_keep returns them in
+    where = torch.searchsorted(kept, outputs)
+    extra = {"use_cache": False} if kv is None else {
+        **cache_argument(model, prefix_dynamic_cache(kv.to(device, dtype), batch)), "use_cache": True}
+    if _takes_logits_to_keep(type(model)):
+        extra["logits_to_keep"] = keep.view(batch, length)  # [N_unique, V]: the LM head only where needed
+    logits = model(input_ids=rows.input_ids.to(device), attention_mask=mask,
+                   position_ids=(rows.positions + prefix_len).to(device), **extra).logits
+    if "logits_to_keep" not in extra:
+        logits = logits.flatten(0, 1)[kept]
+    return logits[where]
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @torch.no_grad()

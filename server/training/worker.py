@@ -7,10 +7,16 @@ dtype of the same weights).
     loop: job = queue.claim()                  # while busy too, up to max_jobs held at once
           on a thread of its own, taking turns (turns.py) with the other jobs held:
             examples, task prefix (if any) <- the job's spec, the store
+            plan = recipe.plan_job(examples)     # forms, held-out split, steps, regulariser
             train_prefix(progress=...)           # progress, loss, cancel, heartbeat, and at
                                                  # every step the turn goes to the tenant owed it
-            store.put(tenant, "user:<user_id>", kv)  # atomic: the old version serves until here
-            queue.finish(job, succeeded)
+            queue.report(job, metrics)           # held-out loss and the base model's, steps
+            store.put(tenant, "user:<user_id>", kv, trained_after=task prefix@version or ())
+            queue.finish(job, succeeded)         # atomic put: the old version serves until here
+
+The frozen model trains in `train_dtype` (bfloat16 where the CPU computes it natively:
+about 2x faster per example, bench/train_speed.py); its fingerprints are taken from the
+float32 weights first, so jobs from a server of any dtype are recognised.
 
 # NOTE: nothing is published unless the whole job ran and this worker still holds the
 # job's lease right before the put; a cancelled, failed, stopped or taken-over job
@@ -38,10 +44,10 @@ import torch
 from prefix_store import PrefixStore, StoreUnavailableError, TenantDeletedError
 from prefix_store.job import Job, JobStatus, LeaseState
 from prefix_store.job_queue import JobQueue
-from server.prefix import ModelSpec, model_fingerprint, user_prefix_id
-from server.training.data import tokenize
+from server.prefix import ModelSpec, PrefixRef, model_fingerprint, user_prefix_id
 from server.training.job_spec import BasePrefix, JobSpec
-from server.training.trainer import TrainConfig, train_prefix
+from server.training.recipe import Plan, plan_job
+from server.training.trainer import TrainResult, evaluate_loss, train_prefix
 from server.training.turns import Turns
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,7 @@ class WorkerConfig:
     idle_block_ms: int = 1000  # how long one claim waits for a job (when none is held)
     max_jobs: int = 4  # jobs held at once, taking turns (each keeps its optimizer state in memory)
     busy_poll_s: float = 1.0  # while jobs are held: how often the queue is asked for another
+    train_dtype: torch.dtype | None = None  # the frozen model's dtype while training (None: as loaded)
 
 
 def serving_fingerprints(model: torch.nn.Module) -> set[str]:
@@ -87,7 +94,9 @@ class Worker:
     def __init__(self, model: torch.nn.Module, tokenizer, queue: JobQueue, store: PrefixStore, config: WorkerConfig):
         self.model, self.tokenizer, self.queue, self.store, self.config = model, tokenizer, queue, store, config
         self.spec = ModelSpec.from_hf(model)
-        self.fingerprints = serving_fingerprints(model)
+        self.fingerprints = serving_fingerprints(model)  # before any cast: the weights as loaded
+        if config.train_dtype is not None:
+            self.model = model.to(config.train_dtype)
         self.stop_requested = threading.Event()  # set by SIGTERM: finish the loop, give the job back
         # Called with (status, seconds) when this worker records a job's end (metrics).
         self.on_finished: Callable[[JobStatus, float], None] | None = None
@@ -166,9 +175,13 @@ class Worker:
                 if not self.turns.acquire(job.job_id, should_stop):
                     return self._give_up_unstarted(job, lease)
                 spec = JobSpec.from_dict(job.spec)
-                data, config, task_kv, description = self._plan(job, spec)
-                result = train_prefix(self.model, data, config, tokenizer=self.tokenizer, task_kv=task_kv,
-                                      progress=on_step)
+                plan, task_kv, task_ref, description = self._plan(job, spec)
+                report = _Report(self.queue, job, plan)
+                report.base_loss(self.model, task_kv)
+                result = train_prefix(self.model, plan.train, plan.config, tokenizer=self.tokenizer, task_kv=task_kv,
+                                      progress=on_step, held_out=plan.held_out, anchors=plan.anchors,
+                                      on_eval=report.on_eval)
+                report.finished(self.model, task_kv, result)
             finally:
                 self.turns.leave(job.job_id)
                 lease.close()
@@ -191,13 +204,14 @@ class Worker:
             self.queue.release(job)
             log.info("job %s: given back to the queue", job.job_id)
             return None
-        description += f"; final loss {result.losses[-1]:.4f}"
+        description += f"; {report.summary()}"
         try:
             # the tenant's incarnation when the job was queued: a deleted (or deleted and
             # re-created) tenant gets nothing written into it
             record, _ = self.store.put(job.tenant, user_prefix_id(job.user_id), result.kv,
                                        model_fingerprint=spec.model_fingerprint,
-                                       description=description, incarnation=spec.tenant_incarnation)
+                                       description=description, incarnation=spec.tenant_incarnation,
+                                       trained_after=(task_ref,) if task_ref is not None else ())
         except TenantDeletedError as e:
             return self._finish(job, JobStatus.FAILED, error=str(e), started=started)
         return self._finish(job, JobStatus.SUCCEEDED, prefix_id=record.prefix_id, version=record.version,
@@ -221,25 +235,25 @@ class Worker:
             self.on_finished(status, time.monotonic() - started)
         return status
 
-    def _plan(self, job: Job, spec: JobSpec):
-        """(tokenized examples, TrainConfig, task kv or None, description) for a job."""
+    def _plan(self, job: Job, spec: JobSpec) -> tuple[Plan, torch.Tensor | None, PrefixRef | None, str]:
+        """(the training plan, task kv or None, the task prefix's ref or None, description) for a job."""
         if spec.model_fingerprint not in self.fingerprints:
             raise JobError(f"the server that queued this job serves base model {spec.model_fingerprint}, but this "
                            "worker loaded another one; start the worker with the server's --model")
-        task_kv, base_name = None, None
+        task_kv, task_ref, base_name = None, None, None
         if spec.base_prefix is not None:
-            task_kv, base_name = self._task_prefix(spec.base_prefix, spec.model_fingerprint)
-        config = TrainConfig(num_virtual_tokens=spec.num_virtual_tokens, steps=spec.steps,
-                             learning_rate=spec.learning_rate,
-                             batch_size=min(self.config.batch_size, len(spec.examples)),
-                             mid_dim=self.config.mid_dim, init_text=spec.init_text,
-                             max_length=self.spec.max_model_len, seed=spec.seed)
-        data = tokenize(self.tokenizer, list(spec.examples), config.max_length)
-        description = (f"personalized for user {job.user_id} by job {job.job_id}: {len(spec.examples)} examples, "
-                       f"{config.steps} steps" + (f", after task prefix {base_name}" if base_name else ""))
-        return data, config, task_kv, description
+            task_kv, task_ref = self._task_prefix(spec.base_prefix, spec.model_fingerprint)
+            base_name = f"{spec.base_prefix.name}@{task_ref.version}"
+        plan = plan_job(self.tokenizer, list(spec.examples), max_length=self.spec.max_model_len, steps=spec.steps,
+                        max_steps=spec.max_steps or 10**9, num_virtual_tokens=spec.num_virtual_tokens,
+                        learning_rate=spec.learning_rate, batch_size=self.config.batch_size,
+                        mid_dim=self.config.mid_dim, init_text=spec.init_text, seed=spec.seed,
+                        kl_weight=spec.kl_weight, held_out_fraction=spec.held_out_fraction)
+        description = (f"personalized for user {job.user_id} by job {job.job_id}: {len(spec.examples)} examples"
+                       + (f", after task prefix {base_name}" if base_name else ", trained alone (no task prefix)"))
+        return plan, task_kv, task_ref, description
 
-    def _task_prefix(self, base: BasePrefix, fingerprint: str) -> tuple[torch.Tensor, str]:
+    def _task_prefix(self, base: BasePrefix, fingerprint: str) -> tuple[torch.Tensor, PrefixRef]:
         found = self.store.get(base.tenant, base.prefix_id)
         if found is None:
             raise JobError(f"base prefix {base.name!r} was deleted before the job ran")
@@ -250,7 +264,63 @@ class Worker:
         if tuple(kv.shape) != self.spec.kv_shape(record.num_virtual_tokens):
             raise JobError(f"base prefix {base.name!r} has shape {tuple(kv.shape)}; this model needs "
                            f"{self.spec.kv_shape(record.num_virtual_tokens)}")
-        return kv.float(), f"{base.name}@{record.version}"
+        return kv.float(), record.ref
+
+
+class _Report:
+    """What a job measured, written into the job as it trains (GET /v1/jobs/<id>: `metrics`).
+
+        examples, held_out_examples, train_sequences   the split (a pair trains as text and chat)
+        max_steps, steps, best_step, stopped_early     the schedule, and where held-out loss was lowest
+        base_loss       the frozen model's (after the task prefix) loss on the evaluation examples
+        loss            the user prefix's loss on the same examples (the kv published)
+        evaluated_on    "held_out" (early stopping ran), or "training" when too few examples
+                        to hold any out
+        train_loss      the last step's training loss; kl: its KL to the base model
+    """
+
+    MAX_TRAINING_EVAL = 64  # sequences the training-set losses are measured on, without a held-out set
+
+    def __init__(self, queue: JobQueue, job: Job, plan: Plan) -> None:
+        self.queue, self.job, self.plan = queue, job, plan
+        self.eval_set = plan.held_out or plan.train[:self.MAX_TRAINING_EVAL]
+        self.metrics: dict[str, Any] = {
+            "examples": len({e.source for e in plan.train + plan.held_out}),
+            "held_out_examples": plan.num_held_out_examples, "train_sequences": len(plan.train),
+            "max_steps": plan.config.steps, "evaluated_on": "held_out" if plan.held_out else "training",
+            "kl_weight": plan.config.kl_weight,
+        }
+
+    def base_loss(self, model: torch.nn.Module, task_kv: torch.Tensor | None) -> None:
+        self.metrics["base_loss"] = round(evaluate_loss(model, task_kv, self.eval_set), 4)
+        self._write()
+
+    def on_eval(self, step: int, held_out_loss: float) -> None:
+        best = self.metrics.get("loss")
+        if best is None or held_out_loss < best:
+            self.metrics.update(loss=round(held_out_loss, 4), best_step=step)
+        self.metrics["steps"] = step
+        self._write()
+
+    def finished(self, model: torch.nn.Module, task_kv: torch.Tensor | None, result: TrainResult) -> None:
+        if result.held_out:
+            self.metrics.update(loss=round(result.best_held_out_loss, 4), best_step=result.best_step)
+        else:
+            kv = result.kv if task_kv is None else torch.cat([task_kv, result.kv.to(task_kv.device)], dim=3)
+            self.metrics["loss"] = round(evaluate_loss(model, kv, self.eval_set), 4)
+        self.metrics.update(steps=result.steps_done, stopped_early=result.stopped_early,
+                            train_loss=round(result.losses[-1], 4), seconds=round(result.seconds, 1))
+        if result.kl:
+            self.metrics["kl"] = round(result.kl[-1], 4)
+        self._write()
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (f"{m['steps']} of at most {m['max_steps']} steps; {m['evaluated_on'].replace('_', '-')} loss "
+                f"{m['loss']:.4f} (base model {m['base_loss']:.4f})")
+
+    def _write(self) -> None:
+        self.queue.report(self.job, self.metrics)
 
 
 class _Lease:

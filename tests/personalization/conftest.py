@@ -3,6 +3,7 @@ tiny Llama saved to a folder, with its own redis-server; and helpers to drive it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -78,14 +79,23 @@ def is_worker(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("personalization")
+    with start_service(tmp_path_factory.mktemp("personalization")) as service:
+        yield service
+
+
+@contextlib.contextmanager
+def start_service(tmp: Path, chat_template: bool = False) -> Iterator[Service]:
+    """serve (one worker) on a tiny Llama whose byte tokenizer has a chat template if asked."""
     model_dir = tmp / "tiny-llama"
     make_tiny_llama().save_pretrained(model_dir)
-    make_byte_tokenizer().save_pretrained(model_dir)
+    make_byte_tokenizer(chat_template).save_pretrained(model_dir)
     redis = RedisServer().start()
     port = free_port()
     # One thread each: the server and its worker share the test machine's few cores.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}, "OMP_NUM_THREADS": "1"}
+    # The worker trains in float32 as the tiny model is served (bfloat16, the default where
+    # the CPU has it, pays off on real model sizes only).
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}, "OMP_NUM_THREADS": "1",
+           "PREFIX_SERVE_TRAIN_DTYPE": "float32"}
     args = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--redis-url", redis.url,
             "--port", str(port), "--admin-key", ADMIN_KEY, "--workers", "1", "--dtype", "float32",
             "--device", "cpu", "--kv-cache-bytes", str(4 << 20), "--cache-dir", str(tmp / "cache"),

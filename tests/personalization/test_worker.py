@@ -68,6 +68,33 @@ def test_a_finished_job_publishes_the_user_prefix(parts):
     assert queue.get("acme", job_id).version == record.version
 
 
+def test_a_default_job_reports_held_out_and_base_losses_and_keeps_the_best_prefix(parts):
+    """No `steps`: derived from the data; one of five examples held out for early stopping;
+    the job reports the published prefix's held-out loss and the base model's on the same one."""
+    from server.training import recipe
+    from server.training.data import Example, tokenize
+    from server.training.trainer import evaluate_loss
+
+    worker, queue, store, fingerprint = parts
+    examples = EXAMPLES + [{"prompt": f"name: {n}\nsays:", "completion": f" hello {n}"} for n in ("Cy", "Di", "Ed")]
+    spec = {**job_spec(fingerprint), "examples": examples, "steps": None, "max_steps": 25}
+    job_id = queue.submit("acme", "ada", spec)
+    assert worker.run_job(queue.claim("w1")) == JobStatus.SUCCEEDED
+    m = queue.get("acme", job_id).metrics
+    assert m["examples"] == 5 and m["held_out_examples"] == 1 and m["evaluated_on"] == "held_out"
+    assert m["max_steps"] == 25 and 1 <= m["steps"] <= 25 and 0 <= m["best_step"] <= m["steps"]
+    assert m["kl_weight"] == recipe.KL_WEIGHT
+    # the numbers are those of the published prefix and of the bare model on the held-out example
+    record, kv = store.get("acme", "user:ada")
+    held = recipe.held_out_sources(5, recipe.HELD_OUT_FRACTION, seed=0)
+    data = tokenize(make_byte_tokenizer(), [Example(**examples[i]) for i in held], 64)
+    model = make_tiny_llama()
+    assert m["loss"] == pytest.approx(evaluate_loss(model, kv, data), abs=2e-4)
+    assert m["base_loss"] == pytest.approx(evaluate_loss(model, None, data), abs=2e-4)
+    assert f"held-out loss {m['loss']:.4f} (base model {m['base_loss']:.4f})" in record.description
+    assert record.trained_after == ()  # trained alone, without a task prefix
+
+
 def test_a_job_for_other_weights_fails_and_publishes_nothing(parts):
     worker, queue, store, _ = parts
     job_id = queue.submit("acme", "ada", job_spec("0123456789abcdef"))

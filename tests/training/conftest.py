@@ -8,8 +8,14 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerF
 from tests import factories
 
 
-def make_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (ids 0-255) plus <eos> (256): a real HF fast tokenizer, offline."""
+# A ChatML-like template for the byte tokenizer: each turn ends with the special <eos>.
+BYTE_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def make_byte_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
+    """One token per byte (ids 0-255) plus <eos> (256): a real HF fast tokenizer, offline;
+    with `chat_template`, BYTE_CHAT_TEMPLATE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -18,7 +24,8 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>",
+                                   chat_template=BYTE_CHAT_TEMPLATE if chat_template else None)
 
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 260, initializer_range: float = 0.2) -> LlamaForCausalLM:
