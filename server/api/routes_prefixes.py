@@ -56,9 +56,10 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
         kv, description, shared, kind = await _prompt_prefix(ctx, request, caller)
     else:
         kv, description, shared, kind = await _uploaded_prefix(ctx, request, caller)
+    limits = await ctx.admission.limits_of(caller.tenant)  # its storage quota: 403 above it, nothing stored
     record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
                                               model_fingerprint=ctx.spec.fingerprint, description=description,
-                                              shared=shared, kind=kind)
+                                              shared=shared, kind=kind, limits=limits)
     response.status_code = 201 if created else 200
     return prefix_info(record)
 

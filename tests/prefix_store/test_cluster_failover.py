@@ -143,8 +143,10 @@ def test_a_master_failover_during_uploads_loses_no_acknowledged_upload(cluster):
     # the event subscription moved to a live node: events flow again
     try:
         events_seen.clear()
+        # pub/sub keeps nothing for a subscriber that is away: publish once it is subscribed again
+        assert wait_until(lambda: subscription.ready, timeout=30)
         store.put(doomed[0], "after-failover", make_kv(9999), model_fingerprint=FINGERPRINT)
-        assert wait_until(lambda: any(e.prefix_id == "after-failover" for e in events_seen), timeout=15)
+        assert wait_until(lambda: any(e.prefix_id == "after-failover" for e in events_seen), timeout=30)
     finally:
         subscription.close()
         store.close()
