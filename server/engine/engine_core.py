@@ -131,12 +131,9 @@ class EngineCore:
                 self.stopped = True
 
     def _add(self, cmd: AddRequest) -> None:
-        prefix = None
-        if cmd.prefix is not None:
-            prefix = self._prefix(cmd.prefix)
-            if prefix is None:
-                self._batch.need_prefix.append(cmd.request_id)
-                return
+        ready, prefix = self._command_prefix(cmd)
+        if not ready:
+            return
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.sampling, prefix, cmd.arrival_time,
                                     cmd.tenant)
@@ -149,16 +146,24 @@ class EngineCore:
             self._quiet[cmd.request_id] = {}
 
     def _compute_kv(self, cmd: ComputeKV) -> None:
-        prefix = None
-        if cmd.prefix is not None:
-            prefix = self._prefix(cmd.prefix)
-            if prefix is None:
-                self._batch.need_prefix.append(cmd.request_id)
-                return
+        ready, prefix = self._command_prefix(cmd)
+        if not ready:
+            return
         try:
             self._batch.kvs.append((cmd.request_id, self.engine.prompt_kv(cmd.token_ids, prefix)))
         except Exception as e:  # noqa: BLE001 - the caller learns why; the loop goes on
             self._batch.kvs.append((cmd.request_id, e))
+
+    def _command_prefix(self, cmd: AddRequest | ComputeKV) -> tuple[bool, Prefix | None]:
+        """(ready, the prefix or None) for a command; not ready: this core forgot the prefix's
+        tensor, and the API is asked (need_prefix) to send the command again with it."""
+        if cmd.prefix is None:
+            return True, None
+        prefix = self._prefix(cmd.prefix)
+        if prefix is None:
+            self._batch.need_prefix.append(cmd.request_id)
+            return False, None
+        return True, prefix
 
     def _prefix(self, payload: PrefixPayload) -> Prefix | None:
         """The host copy of a request's prefix: kept from an earlier request, or made from
