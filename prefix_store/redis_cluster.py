@@ -108,7 +108,7 @@ class RedisClusterProcesses:
         for node in self.nodes:
             node.start()
         for node in self.nodes:
-            node.wait_up()
+            self._wait_up(node)
         out = subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
                               "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
                              capture_output=True, text=True, timeout=60)
@@ -116,6 +116,22 @@ class RedisClusterProcesses:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}")
         self.wait_healthy(timeout)
         return self
+
+    @staticmethod
+    def _wait_up(node: NodeProcess, attempts: int = 3) -> None:
+        """Wait for a node to answer. A port that another process's socket took between
+        free_port() and the node's bind is not an error: before the cluster is formed, the
+        node starts again on new ports."""
+        for attempt in range(attempts):
+            try:
+                node.wait_up()
+                return
+            except RuntimeError:
+                if attempt == attempts - 1 or "Address already in use" not in node.log_tail():
+                    raise
+            node.kill()
+            node.port, node.bus_port = free_port(), free_port()
+            node.start()
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Every live node says cluster_state:ok, and there are `masters` masters each with its
