@@ -42,6 +42,9 @@ class RedisServer:
                  appendonly: bool = False, executable: str = "redis-server",
                  start_timeout: float = 10.0):
         self.port = port if port is not None else free_port(self.HOST)
+        # a port chosen here may be taken by another socket before redis binds it: until the
+        # first start succeeds (nobody has the url yet), such a start tries a new port
+        self._may_move = port is None
         self._owns_datadir = datadir is None
         self.datadir = Path(datadir) if datadir is not None else Path(tempfile.mkdtemp(prefix="prefix-serve-redis-"))
         self.appendonly = appendonly
@@ -111,7 +114,16 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         with self._lock:
-            return self._start()
+            for attempt in range(3):
+                try:
+                    self._start()
+                    break
+                except RuntimeError as e:
+                    if not self._may_move or attempt == 2 or "Address already in use" not in str(e):
+                        raise
+                    self.port = free_port(self.HOST)
+            self._may_move = False
+            return self
 
     def _start(self) -> "RedisServer":
         if self.running:

@@ -115,3 +115,21 @@ def test_a_redis_server_that_cannot_start_says_why(own_redis):
         assert not clash.running
     finally:
         clash.close()
+
+
+def test_a_port_chosen_here_and_taken_before_redis_binds_it_moves(own_redis, monkeypatch):
+    # free_port() gave a port that another socket (here: own_redis) holds by the time redis
+    # binds it; a RedisServer that chose its port itself starts on another one
+    import prefix_store.redis_process as redis_process
+
+    ports = iter([own_redis.port])
+    real = redis_process.free_port
+    monkeypatch.setattr(redis_process, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+    moved = RedisServer()
+    try:
+        assert moved.port == own_redis.port
+        moved.start()
+        assert moved.port != own_redis.port and moved.running
+        assert redis.Redis.from_url(moved.url).ping()
+    finally:
+        moved.close()
