@@ -105,6 +105,13 @@ class RedisClusterProcesses:
         return "redis+cluster://" + ",".join(n.address for n in self.nodes)
 
     def start(self, timeout: float = 30.0) -> "RedisClusterProcesses":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()  # no node outlives a failed start
+            raise
+
+    def _start(self, timeout: float) -> "RedisClusterProcesses":
         for node in self.nodes:
             node.start()
         for node in self.nodes:
