@@ -37,7 +37,7 @@ def blocks_all_free(stack: Stack) -> bool:
 @pytest.fixture(scope="module")
 def slow(redis_server, vocab, tokenizer) -> Iterator[Stack]:
     """One request runs at a time, one may wait; the 2nd waiting one gets 429."""
-    s = start_stack(redis_server.url, vocab, tokenizer, slow_step_s=0.01, max_num_seqs=1, max_queue=1)
+    s = start_stack(redis_server.url, vocab, tokenizer, slow_step_s=0.05, max_num_seqs=1, max_queue=1)
     yield s
     s.stop()
 

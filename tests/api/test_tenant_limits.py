@@ -2,8 +2,9 @@
 answer 429 with Retry-After (and the numbers), one tenant's backlog never gets another
 tenant a 429, and storage quotas are enforced at upload and job creation and reported.
 
-One request runs at a time here and each step is slowed (10 ms) so that a long request
-surely still runs while the test acts; nothing asserts on time."""
+One request runs at a time here and each step is slowed (50 ms) so that the long request
+holding the slot surely still runs (12 s) while the test acts, even on a loaded machine;
+nothing asserts on time."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ SHORT = {"prompt": "hello", "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def slow(redis_server, vocab, tokenizer) -> Iterator[Stack]:
-    s = start_stack(redis_server.url, vocab, tokenizer, slow_step_s=0.01, max_num_seqs=1, max_queue=2)
+    s = start_stack(redis_server.url, vocab, tokenizer, slow_step_s=0.05, max_num_seqs=1, max_queue=2)
     yield s
     s.stop()
 
@@ -59,7 +60,7 @@ class Background:
 def hold_the_running_slot(stack: Stack, key: str):
     """A long stream of `key`'s tenant that holds the only running slot (a context manager)."""
     client = stack.client(key)
-    cm = client.stream("POST", "/v1/generate", json={**LONG, "stream": True})
+    cm = client.stream("POST", "/v1/generate", json={**LONG, "max_tokens": 240, "stream": True})
     response = cm.__enter__()
     lines = response.iter_lines()
     next(line for line in lines if line.startswith("data: {"))
