@@ -20,6 +20,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -192,7 +193,11 @@ class AsyncEngine:
         self._inflight: dict[str, tuple[AddRequest | ComputeKV, Prefix | None]] = {}  # to send again if the core asks
         self._core_has: set[tuple] = set()  # prefix keys whose tensor the core holds
         self._stats = EngineStats()
-        self._sent_since_batch: dict[str, int] = {}  # tenant -> requests sent since the last batch
+        # NOTE: requests sent that the stats do not count yet, by AddRequest.seq. A batch
+        # whose stats were taken before the core saw a request can arrive after it was sent:
+        # only the core's `added_through` says which sends its stats include.
+        self._unseen: OrderedDict[int, str] = OrderedDict()  # seq -> tenant, oldest first
+        self._seq = 0
         self._error: str | None = None
         self._started = False
 
@@ -252,13 +257,14 @@ class AsyncEngine:
         less the slots free at the last step (requests sent into free slots run at the next
         step: when a whole batch finishes at once, its clients' next requests do not wait)."""
         free = 0 if self.limits is None else max(0, self.limits.max_num_seqs - self._stats.num_running)
-        return max(0, self._stats.num_waiting + sum(self._sent_since_batch.values()) - free)
+        return max(0, self._stats.num_waiting + len(self._unseen) - free)
 
     def waiting_by_tenant(self) -> dict[str, int]:
-        """Requests waiting in the engine per tenant (as of the last step, plus those sent since)."""
+        """Requests waiting in the engine per tenant (as of the last step, plus those sent
+        that its stats do not count yet)."""
         waiting = dict(self._stats.waiting_by_tenant)
-        for tenant, n in self._sent_since_batch.items():
-            waiting[tenant] = waiting.get(tenant, 0) + n
+        for tenant in self._unseen.values():
+            waiting[tenant] = waiting.get(tenant, 0) + 1
         return waiting
 
     def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = ()) -> Prefix:
@@ -293,11 +299,12 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         sink: asyncio.Queue = asyncio.Queue()
         self._sinks[request_id] = sink
+        self._seq += 1
         add = AddRequest(request_id, list(prompt_token_ids), sampling, self._payload(prefix), time.monotonic(), stream,
-                         tenant)
+                         tenant, self._seq)
         self._inflight[request_id] = (add, prefix)
         self._channel.send(add)
-        self._sent_since_batch[tenant] = self._sent_since_batch.get(tenant, 0) + 1
+        self._unseen[self._seq] = tenant
         timer = None if timeout_s is None else asyncio.get_running_loop().call_later(
             timeout_s, sink.put_nowait, RequestTimeoutError(f"the request ran longer than {timeout_s:g} s"))
         finished = False
@@ -371,9 +378,10 @@ class AsyncEngine:
             self._die(message.error)
             return
         batch: StepBatch = message
-        self._sent_since_batch.clear()
         if batch.stats is not None:
             self._stats = batch.stats
+            while self._unseen and next(iter(self._unseen)) <= batch.added_through:
+                self._unseen.popitem(last=False)
         self._core_has.difference_update(batch.forgotten)
         for request_id in batch.need_prefix:  # the core forgot the prefix meanwhile: send its tensor again
             if request_id in self._inflight:

@@ -49,6 +49,7 @@ class AddRequest:
     arrival_time: float
     stream: bool = True  # False: only the finished output is sent (one message per request)
     tenant: str = ""  # whose request (fair scheduling between tenants)
+    seq: int = 0  # the sender's count of AddRequests: StepBatch.added_through echoes it
 
 
 @dataclass
@@ -94,6 +95,7 @@ class StepBatch:
     need_prefix: list[str] = field(default_factory=list)  # request ids to send again with their prefix's kv
     forgotten: list[tuple] = field(default_factory=list)  # prefix keys the core no longer holds
     kvs: list[tuple[str, torch.Tensor | BaseException]] = field(default_factory=list)  # ComputeKV results
+    added_through: int = 0  # the seq of the last AddRequest applied before `stats` was taken
 
 
 @dataclass
@@ -110,6 +112,7 @@ class EngineCore:
         self._held = 0  # bytes of host copies
         self._quiet: dict[str, dict[int, RequestOutput]] = {}  # non-streaming requests: each sample so far
         self._batch = StepBatch()
+        self._added_through = 0  # the seq of the last AddRequest applied
         self.stopped = False
 
     # ---- commands
@@ -131,6 +134,7 @@ class EngineCore:
                 self.stopped = True
 
     def _add(self, cmd: AddRequest) -> None:
+        self._added_through = max(self._added_through, cmd.seq)
         ready, prefix = self._command_prefix(cmd)
         if not ready:
             return
@@ -211,6 +215,7 @@ class EngineCore:
                 self._emit(out)
         batch, self._batch = self._batch, StepBatch()
         batch.stats = self.engine.stats()
+        batch.added_through = self._added_through
         return batch
 
     def _emit(self, out: RequestOutput) -> None:

@@ -141,6 +141,39 @@ def test_requests_sent_into_free_slots_are_not_counted_as_waiting():
     asyncio.run(main())
 
 
+def test_a_batch_from_before_a_request_was_seen_does_not_lose_its_count():
+    # The core may send a step's batch just before it reads a new request; arriving after
+    # the request was sent, that batch's stats do not count it. CI saw such a batch make a
+    # tenant's waiting request vanish from the queue shares.
+    from server.engine.engine_core import StepBatch
+    from server.engine.outputs import EngineStats
+
+    engine = make_engine(tiny_llama(), num_blocks=64, max_num_seqs=1)
+
+    async def main():
+        aeng = AsyncEngine(engine, max_waiting=8)  # not started: the test plays the core
+        aeng.connect()
+        aeng._stats = EngineStats(num_running=1)  # the only slot is taken
+        gens = [aeng.generate(f"r{i}", [5, 6], SamplingParams(max_tokens=2), tenant=t)
+                for i, t in enumerate(("heavy", "heavy", "light"))]
+        pending = [asyncio.ensure_future(g.__anext__()) for g in gens]
+        await asyncio.sleep(0.01)  # all three sent (seq 1, 2, 3)
+        assert aeng.waiting_by_tenant() == {"heavy": 2, "light": 1} and aeng.num_waiting == 3
+        # a batch whose stats were taken after the core applied seq 1 and 2 only
+        aeng._on_message(StepBatch(stats=EngineStats(num_running=1, num_waiting=2, waiting_by_tenant={"heavy": 2}),
+                                   added_through=2))
+        assert aeng.waiting_by_tenant() == {"heavy": 2, "light": 1} and aeng.num_waiting == 3
+        # the next one counts all three: nothing is counted twice
+        aeng._on_message(StepBatch(stats=EngineStats(num_running=1, num_waiting=3,
+                                                     waiting_by_tenant={"heavy": 2, "light": 1}), added_through=3))
+        assert aeng.waiting_by_tenant() == {"heavy": 2, "light": 1} and aeng.num_waiting == 3
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama saved as a HF folder, for an engine process to load."""
