@@ -19,6 +19,7 @@ bench/results/e2e_quality.json and a markdown table in bench/results/e2e_quality
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -68,7 +69,11 @@ def main() -> None:
     ap.add_argument("--init-text", default="table-to-text:")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="the model served for every system's generations")
+    ap.add_argument("--train-dtype", default="bfloat16",
+                    help="the frozen model's dtype while training (a copy; the prefix, MLP and AdamW stay float32)")
+    ap.add_argument("--group-prompts", action=argparse.BooleanOptionalAction, default=True,
+                    help="batches take the references of one table together (its prompt computed once)")
     ap.add_argument("--out", default=None, help="default: bench/results/e2e_quality.json (quick: a temp file); "
                                                 "the markdown table goes beside it (.md)")
     ap.add_argument("--note", default="", help="a line about the machine, recorded with the results")
@@ -98,17 +103,20 @@ def main() -> None:
     score("three_shot", stop=("\n",), prompt_prefix=few_shot_text(train, 3, args.seed))
 
     data = tokenize(tok, train, TrainConfig().max_length)
+    train_model = model if getattr(torch, args.train_dtype) == model.dtype else \
+        copy.deepcopy(model).to(getattr(torch, args.train_dtype))
     steps, step_seconds = args.steps, None
     if steps <= 0:  # lay the linear schedule out over the budget: time a few steps first
         probe = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, steps=3, learning_rate=args.lr,
-                            batch_size=args.batch_size, init_text=args.init_text, seed=args.seed + 1)
-        timing = train_prefix(model, data, probe, tokenizer=tok)
+                            batch_size=args.batch_size, init_text=args.init_text, seed=args.seed + 1,
+                            group_prompts=args.group_prompts)
+        timing = train_prefix(train_model, data, probe, tokenizer=tok)
         step_seconds = timing.seconds / timing.steps_done
         steps = max(10, int(args.minutes * 60 * 0.95 / step_seconds))
         print(f"  timing probe: {step_seconds:.2f} s/step -> {steps} steps in {args.minutes:g} min", flush=True)
     config = TrainConfig(num_virtual_tokens=args.num_virtual_tokens, steps=steps, learning_rate=args.lr,
                          batch_size=args.batch_size, init_text=args.init_text, seed=args.seed,
-                         warmup_steps=min(50, steps // 10))
+                         warmup_steps=min(50, steps // 10), group_prompts=args.group_prompts)
     deadline = time.monotonic() + args.minutes * 60
 
     def progress(step: int, total: int, loss: float) -> bool:
@@ -116,7 +124,7 @@ def main() -> None:
             print(f"  step {step}/{total} loss {loss:.4f}", flush=True)
         return time.monotonic() < deadline
 
-    result = train_prefix(model, data, config, tokenizer=tok, progress=progress)
+    result = train_prefix(train_model, data, config, tokenizer=tok, progress=progress)
     if args.prefix_out:
         write_adapter(result.kv, args.prefix_out, ModelSpec.from_hf(model), mid_dim=config.mid_dim)
     score("prefix", kv=result.kv, stop=("\n",))
@@ -130,6 +138,7 @@ def main() -> None:
     summary = {
         "model": loaded.name, "data": args.data, "val_mrs": len(groups), "train_mrs": len({e.prompt for e in train}),
         "train_examples": len(train), "max_tokens": args.max_tokens, "time_budget_minutes": args.minutes,
+        "serve_dtype": args.dtype, "train_dtype": args.train_dtype,
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "quick": args.quick,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "note": args.note},
@@ -177,7 +186,10 @@ def markdown(summary: dict) -> str:
         f"Prefix size: {p['prefix_bytes_float32']:,} bytes in float32, kv shape {p['prefix_shape']} "
         "([layers, 2, kv heads, virtual tokens, head dim]).",
         "",
-        f"Machine: {m['cores']} CPU cores ({m['cpu']}), {m['torch_threads']} torch threads, float32."
+        f"Machine: {m['cores']} CPU cores ({m['cpu']}), {m['torch_threads']} torch threads; the frozen model "
+        f"trained in {summary.get('train_dtype', 'float32')} (prefix, MLP and optimizer in float32), every system "
+        f"served in {summary.get('serve_dtype', 'float32')}"
+        + (", batches grouped by table" if c.get("group_prompts") else "") + "."
         + (f" {m['note']}" if m.get("note") else ""),
         "",
         "Samples (first validation input):",

@@ -11,6 +11,9 @@ Systems (medians of --repeats interleaved runs):
   hf_static_batch  HF generate, all requests as one left-padded batch, no prefix.
   engine_shared    prefix-serve, every request on the same prefix.
   engine_own       prefix-serve, every request on its own prefix.
+  engine_own_half_logprobs / engine_own_all_logprobs
+                   the same with every 2nd / every request asking for logprobs (top 5): what
+                   logprobs cost, and that requests that do not ask pay nothing for them
 Also, in the same run:
   peak             a 2048x2048 bfloat16 matmul (the machine's matmul peak), and the decode shapes
   mfu              model FLOPs/s (the matmuls: 2 x params x tokens) over the peak, for the
@@ -108,14 +111,20 @@ def hf_static_batch(model, tokenizer, reqs: list[list[int]], new_tokens: int):
     return run
 
 
-def engine_run(engine, prefixes, reqs: list[list[int]], new_tokens: int):
+def engine_run(engine, prefixes, reqs: list[list[int]], new_tokens: int, logprobs_every: int = 0):
+    """A closed batch of every request; with logprobs_every=k, every k-th request asks for
+    its sampled token's logprob and the top 5 (OpenAI's logprobs=5)."""
     from server.engine.sampling_params import SamplingParams
 
+    plain = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    scored = SamplingParams(max_tokens=new_tokens, ignore_eos=True, logprobs=5)
+    params = [scored if logprobs_every and i % logprobs_every == 0 else plain for i in range(len(reqs))]
     engine.generate(reqs[:4], SamplingParams(max_tokens=2, ignore_eos=True), prefixes[:4])  # warm-up
 
     def run() -> None:
-        done = engine.generate(reqs, SamplingParams(max_tokens=new_tokens, ignore_eos=True), prefixes)
+        done = engine.generate(reqs, params, prefixes)
         assert all(len(r.output_token_ids) == new_tokens for r in done)
+        assert all(len(r.logprobs) == new_tokens for r, p in zip(done, params) if p is scored)
     return run
 
 
@@ -283,6 +292,8 @@ def main() -> None:
         runs = {
             "engine_shared": engine_run(shared_engine, [own[0]] * len(reqs), reqs, args.new_tokens),
             "engine_own": engine_run(own_engine, own, reqs, args.new_tokens),
+            "engine_own_half_logprobs": engine_run(own_engine, own, reqs, args.new_tokens, logprobs_every=2),
+            "engine_own_all_logprobs": engine_run(own_engine, own, reqs, args.new_tokens, logprobs_every=1),
             "hf_static_batch": hf_static_batch(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(),
                                                tokenizer, reqs, args.new_tokens),
         }
@@ -332,6 +343,9 @@ def main() -> None:
         "own_vs_shared_prefix": own_tps / results["engine_shared"]["tokens_per_s"],
         "own_vs_hf_static_batch": own_tps / results["hf_static_batch"]["tokens_per_s"],
         "own_vs_hf_peft_serial": own_tps / results["hf_peft_serial"]["tokens_per_s"],
+        # what logprobs cost: half or all of the same requests asking for logprobs=5
+        "half_logprobs_vs_none": results["engine_own_half_logprobs"]["tokens_per_s"] / own_tps,
+        "all_logprobs_vs_none": results["engine_own_all_logprobs"]["tokens_per_s"] / own_tps,
     }
     ratios["saturation_mfu"] = results["mfu"]["saturation"]["of_peak"]
     ratios["prefill_512_engine_time_vs_hf"] = results["prefill_512"]["engine_time_vs_hf"]
