@@ -109,6 +109,21 @@ def ask(client: openai.OpenAI, model: str, questions: list[str], user: str | Non
         return {"chat": list(pool.map(chat, questions)), "text": list(pool.map(text, questions))}
 
 
+def ask_led(http: httpx.Client, client: openai.OpenAI, model: str, questions: list[str], lead: str,
+            max_tokens: int) -> list[str]:
+    """The base model's chat replies when made to start with `lead` (a persona's opening
+    words): the chat prompt's tokens (/tokenize) plus the lead's, sent as token ids."""
+    lead_ids = http.post("/tokenize", json={"prompt": lead, "add_special_tokens": False}).json()["tokens"]
+
+    def one(q: str) -> str:
+        ids = http.post("/tokenize", json={"messages": [{"role": "user", "content": q}]}).json()["tokens"]
+        reply = client.completions.create(model=model, prompt=ids + lead_ids, temperature=0, max_tokens=max_tokens)
+        return (lead + reply.choices[0].text).strip()
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, questions))
+
+
 def score(replies: dict, qa, persona: Persona | None) -> dict:
     out = {}
     for form, texts in replies.items():
@@ -156,6 +171,14 @@ def main() -> None:
             base = score(ask(client, model, questions, None, args.max_tokens), qa, None)
             print(f"base model: accuracy chat {base['chat']['accuracy']:.0%}, text {base['text']['accuracy']:.0%}",
                   flush=True)
+            # What the base model knows once its reply starts the persona's way: how much
+            # accuracy the style itself costs this model, whatever the prefix does.
+            for persona in personas:
+                lead = persona.template.split("{answer}")[0]
+                if lead:
+                    led = score({"chat": ask_led(http, client, model, questions, lead, args.max_tokens)}, qa, None)
+                    base[f"chat_led_{persona.name}"] = led["chat"]
+                    print(f"base model led by {lead!r}: accuracy chat {led['chat']['accuracy']:.0%}", flush=True)
             results = {}
             for persona in personas:
                 for name, extra in [(persona.name, {})] + ([(persona.name + "-issue-job", ISSUE_JOB)]
@@ -199,21 +222,24 @@ def markdown(summary: dict) -> str:
         f"settings; {summary['questions']} unseen QA questions asked with the openai client (chat: "
         "`/v1/chat/completions`; text: `/v1/completions`; the persona selected by OpenAI's `user`), greedy, at most "
         f"{summary['max_tokens']} tokens. Style = replies with the persona's marker; accuracy = right answers; "
-        "relative = accuracy / the base model's through the same route; job = the job's own time and report.",
+        "relative = accuracy / the base model's through the same route; base model led by the opening = the base "
+        "model's chat accuracy when its reply is made to start with the persona's opening words (what the style "
+        "itself costs this model, whatever the prefix does); job = the job's own time and report.",
         "",
-        "| persona | style (chat) | style (text) | accuracy (chat) | relative | accuracy (text) | relative "
-        "| job | steps (best) | held-out loss (base model's) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| base model | | | {base['chat']['accuracy']:.0%} | | {base['text']['accuracy']:.0%} | | | | |",
+        "| persona | style (chat) | style (text) | accuracy (chat) | relative | base model led by the opening "
+        "| accuracy (text) | relative | job | steps (best) | held-out loss (base model's) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| base model | | | {base['chat']['accuracy']:.0%} | | | {base['text']['accuracy']:.0%} | | | | |",
     ]
     for name, r in summary["personas"].items():
         j = r["job"]
         rel = {f: r[f]["accuracy"] / base[f]["accuracy"] if base[f]["accuracy"] else float("nan") for f in ("chat", "text")}
         steps = f"{j.get('steps')}" + (f" ({j['best_step']})" if j.get("best_step") is not None else "")
         losses = f"{j.get('loss')} ({j.get('base_loss')}, {j.get('evaluated_on', '').replace('_', '-')})"
+        led = base.get(f"chat_led_{name}")
         lines.append(f"| {name} | {r['chat']['style']:.0%} | {r['text']['style']:.0%} | {r['chat']['accuracy']:.0%} | "
-                     f"{rel['chat']:.0%} | {r['text']['accuracy']:.0%} | {rel['text']:.0%} | {j['seconds']:.0f} s | "
-                     f"{steps} | {losses} |")
+                     f"{rel['chat']:.0%} | {'' if led is None else format(led['accuracy'], '.0%')} | "
+                     f"{r['text']['accuracy']:.0%} | {rel['text']:.0%} | {j['seconds']:.0f} s | {steps} | {losses} |")
     m = summary["machine"]
     lines += ["", f"Training dtype {summary['train_dtype']}, serving dtype {summary['serve_dtype']}; whole run "
               f"{summary['wall_s']:.0f} s; machine: {m['cores']} CPU cores ({m['cpu']})."

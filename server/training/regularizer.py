@@ -10,9 +10,10 @@ user's prefix) where the examples do not ask for a change:
 
 An anchor is a token sequence and the positions whose predictions are held to the base:
 - the examples' own completions, teacher forced: what the persona's answers share with
-  the base model's (the facts, the grammar) costs the prefix nothing to keep, and what
-  differs (the style) is pulled by the cross-entropy against a fixed pull back; the
-  prefix learns the difference rather than the answers;
+  the base model's (the facts, the grammar) is held to the base. Where a completion token
+  is one the base model finds unlikely (probability below `free_below`), the example asks
+  for a change (the style): the KL is off at that position, so a strong KL elsewhere does
+  not fight the cross-entropy there. The prefix learns the difference, not the answers;
 - the examples' prompts and neutral prompts (NEUTRAL_PROMPTS), through the chat template:
   how the model reads a question, where it recalls what it knows, stays the base
   model's.
@@ -61,6 +62,7 @@ NEUTRAL_PROMPTS = (
 class Anchor:
     token_ids: tuple[int, ...]
     first: int  # the predictions of token_ids[first:] are held to the base model (1 <= first < len)
+    learned_from: int | None = None  # token_ids[learned_from:] are learned (an example's completion)
 
     def __post_init__(self) -> None:
         if not 1 <= self.first < len(self.token_ids):
@@ -78,6 +80,7 @@ class BaseTargets:
     anchors: tuple[Anchor, ...]
     log_probs: tuple[torch.Tensor, ...]  # per anchor [num_positions, TOP_K] float32, log of renormalised probs
     token_ids: tuple[torch.Tensor, ...]  # per anchor [num_positions, TOP_K] long
+    held: tuple[torch.Tensor, ...]  # per anchor [num_positions] bool: the KL holds there
 
 
 def outputs_of(index: list[int], anchor: Anchor) -> list[int]:
@@ -87,9 +90,11 @@ def outputs_of(index: list[int], anchor: Anchor) -> list[int]:
 
 @torch.no_grad()
 def base_targets(model: torch.nn.Module, task_kv: torch.Tensor | None, anchors: list[Anchor],
-                 row_tokens: int = 512, chunk: int = 16) -> BaseTargets:
-    """The frozen model's (after task_kv) top-K distributions at the anchors' positions."""
-    log_probs, token_ids = [], []
+                 row_tokens: int = 512, chunk: int = 16, free_below: float = 0.0) -> BaseTargets:
+    """The frozen model's (after task_kv) top-K distributions at the anchors' positions, and
+    where the KL holds: everywhere, but at a learned token the base model gives a
+    probability below `free_below` (there the examples ask for a change: the style)."""
+    log_probs, token_ids, held = [], [], []
     for start in range(0, len(anchors), chunk):
         part = anchors[start:start + chunk]
         rows = pack([a.token_ids for a in part], row_tokens)
@@ -98,18 +103,29 @@ def base_targets(model: torch.nn.Module, task_kv: torch.Tensor | None, anchors: 
         top = logits.topk(TOP_K, dim=-1)
         lp = torch.log_softmax(top.values, dim=-1).cpu()
         ids = top.indices.cpu()
+        next_ids = torch.tensor([t for a in part for t in a.token_ids[a.first:]], device=logits.device)
+        p_next = torch.softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].cpu()
         offset = 0
         for a in part:
             log_probs.append(lp[offset:offset + a.num_positions])
             token_ids.append(ids[offset:offset + a.num_positions])
+            learned = torch.arange(a.first, len(a.token_ids)) >= (len(a.token_ids) if a.learned_from is None
+                                                                 else a.learned_from)
+            held.append(~(learned & (p_next[offset:offset + a.num_positions] < free_below)))
             offset += a.num_positions
-    return BaseTargets(tuple(anchors), tuple(log_probs), tuple(token_ids))
+    return BaseTargets(tuple(anchors), tuple(log_probs), tuple(token_ids), tuple(held))
 
 
-def kl_to_base(logits: torch.Tensor, base_log_probs: torch.Tensor, base_ids: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_base || p) on the base's top-K tokens.
+def kl_to_base(logits: torch.Tensor, base_log_probs: torch.Tensor, base_ids: torch.Tensor,
+               held: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the held positions of KL(p_base || p) on the base's top-K tokens.
 
-    logits [N, V] (the prefixed model), base_log_probs and base_ids [N, TOP_K]."""
+    logits [N, V] (the prefixed model), base_log_probs and base_ids [N, TOP_K], held [N] bool
+    (None: all)."""
     log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, base_ids.to(logits.device))
     base = base_log_probs.to(logits.device)
-    return (base.exp() * (base - log_p)).sum(dim=1).mean()
+    kl = (base.exp() * (base - log_p)).sum(dim=1)
+    if held is None:
+        return kl.mean()
+    held = held.to(logits.device)
+    return (kl * held).sum() / held.sum().clamp(min=1)

@@ -14,7 +14,8 @@ NOTE: the invariants
 - Loss: next-token cross-entropy on completion tokens only, averaged over the batch's
   completion tokens; plus, with kl_weight > 0, kl_weight times the KL to the frozen base
   model (regularizer.py), averaged over the distinct tokens of the step's sequences (every
-  position of the batch's examples, and of `anchors_per_step` extra anchors, cycled).
+  position of the batch's examples, and of `anchors_per_step` extra anchors, cycled) where
+  it holds: not at completion tokens the base model gives less than `kl_free_below`.
 - With held-out examples, their loss is measured every eval_every steps; the kv returned
   is the one with the lowest held-out loss, and training stops after `patience`
   evaluations without a new best.
@@ -64,6 +65,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better held-out loss (0 = never)
     kl_weight: float = 0.0  # weight of the KL to the frozen base model (regularizer.py)
     anchors_per_step: int = 4  # extra anchor sequences added to each step (cycled through)
+    kl_free_below: float = 0.0  # no KL at a completion token the base model gives less than this (regularizer.py)
     row_tokens: int = 512  # packing: tokens per packed row (longer sequences get a row of their own)
     group_prompts: bool = False  # batches take the examples of one prompt together (computed once)
 
@@ -98,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not isinstance(self.kl_weight, (int, float)) or not math.isfinite(self.kl_weight) or self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight!r}")
+        if not isinstance(self.kl_free_below, (int, float)) or not 0 <= self.kl_free_below <= 1:
+            raise ValueError(f"kl_free_below must be in [0, 1], got {self.kl_free_below!r}")
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("init_text must not be empty (None = start from the first example)")
 
@@ -191,8 +195,8 @@ def train_prefix(
         raise ValueError(f"task prefix ({task_len}) + num_virtual_tokens ({config.num_virtual_tokens}) + "
                          f"longest example ({longest}) exceeds the model's context ({spec.max_model_len})")
     # With the regulariser, every position of every example is an anchor too, then the extras.
-    anchors = [Anchor(e.prompt_ids + e.completion_ids, 1) for e in examples] + list(anchors or []) \
-        if config.kl_weight > 0 else []
+    anchors = [Anchor(e.prompt_ids + e.completion_ids, 1, learned_from=len(e.prompt_ids)) for e in examples] \
+        + list(anchors or []) if config.kl_weight > 0 else []
 
     model.requires_grad_(False)
     model.eval()  # no dropout: the frozen model is the serving model
@@ -215,7 +219,8 @@ def train_prefix(
     result = TrainResult(kv=start_kv, init_kv=start_kv)
     started = time.monotonic()
     # The frozen model's work, done once: its distributions at the anchors, its held-out loss.
-    targets = base_targets(model, task_kv, anchors, config.row_tokens) if anchors else None
+    targets = base_targets(model, task_kv, anchors, config.row_tokens, free_below=config.kl_free_below) \
+        if anchors else None
     best_kv = start_kv
     if held_out:
         result.base_held_out_loss = evaluate_loss(model, task_kv, held_out, config.row_tokens)
@@ -282,17 +287,21 @@ def _step(model, mlp: PrefixMLP, task_kv: torch.Tensor | None, examples: list[To
         labels += examples[i].completion_ids
     n = len(labels)
     kl_at: dict[int, tuple[int, int]] = {}  # flat index -> (anchor, row of its targets); shared tokens once
+    freed: set[int] = set()  # flat indices where a sequence sharing the token learns a change
     if targets is not None:
         for a, index in zip(batch + extra, rows.index):
             for row, flat in enumerate(outputs_of(index, targets.anchors[a])):
                 kl_at.setdefault(flat, (a, row))
+                if not targets.held[a][row]:
+                    freed.add(flat)
     logits = forward_packed(model, _compose(task_kv, mlp()), rows, torch.tensor(outputs + list(kl_at)))
     loss = F.cross_entropy(logits[:n].float(), torch.tensor(labels, device=logits.device))
     kl = None
     if kl_at:
         log_probs = torch.stack([targets.log_probs[a][row] for a, row in kl_at.values()])
         token_ids = torch.stack([targets.token_ids[a][row] for a, row in kl_at.values()])
-        kl = kl_to_base(logits[n:], log_probs, token_ids)
+        held = torch.tensor([flat not in freed for flat in kl_at])
+        kl = kl_to_base(logits[n:], log_probs, token_ids, held)
     return loss, kl, rows.num_tokens
 
 

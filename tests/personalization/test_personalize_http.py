@@ -94,7 +94,10 @@ def test_job_trains_a_user_prefix_that_serves_after_the_task_prefix(service, acm
     with service.client(acme) as c:
         bare = generate(c, EXAMPLES[0]["prompt"], prefix_id=TASK)["text"]
         assert bare != EXAMPLES[0]["completion"]  # the base model (and task) alone do not say it
-        job_id = submit(c, "ada", base_prefix_id=TASK, steps=400, num_virtual_tokens=10, learning_rate=5e-3)
+        # kl_weight 1: the default (30, tuned on SmolLM2's personas) holds a tiny random model
+        # too close to its base to memorise random bytes; this test is about the job itself
+        job_id = submit(c, "ada", base_prefix_id=TASK, steps=400, num_virtual_tokens=10, learning_rate=5e-3,
+                        kl_weight=1)
         seen, versions = [], set()
         while True:
             j = job(c, job_id)

@@ -121,3 +121,29 @@ def test_the_kl_term_keeps_the_model_closer_to_the_base_on_unseen_prompts():
 
     free, held = kl_on_unseen(0.0), kl_on_unseen(5.0)
     assert held < 0.5 * free, (held, free)
+
+
+def test_the_kl_holds_everywhere_but_at_learned_tokens_the_base_model_finds_unlikely():
+    model, tok = make_tiny_llama(), make_byte_tokenizer()
+    prompt, completion = tok("name: Ada\nsays:")["input_ids"], tok(" hi to you all")["input_ids"]
+    example = Anchor(tuple(prompt + completion), 1, learned_from=len(prompt))
+    neutral = Anchor(tuple(tok("write a poem")["input_ids"]), 1)
+    everywhere = base_targets(model, None, [example, neutral])
+    freed = base_targets(model, None, [example, neutral], free_below=0.5)
+    assert all(bool(h.all()) for h in everywhere.held)
+    assert bool(freed.held[1].all())  # no learned tokens: held everywhere
+    # the base model's probability of each next token of the example
+    rows = pack([example.token_ids])
+    with torch.no_grad():
+        logits = forward_packed(model, None, rows, torch.tensor(rows.index[0][:-1]))
+    p_next = torch.softmax(logits.float(), -1).gather(1, torch.tensor(example.token_ids[1:])[:, None])[:, 0]
+    learned = torch.arange(1, len(example.token_ids)) >= len(prompt)
+    assert torch.equal(freed.held[0], ~(learned & (p_next < 0.5)))
+    assert not bool(freed.held[0].all()) and bool(freed.held[0][:len(prompt) - 1].all())  # prompts always held
+    # the KL is the mean over the held positions only
+    kl_all = kl_to_base(logits * 0.5, everywhere.log_probs[0], everywhere.token_ids[0])
+    kl_held = kl_to_base(logits * 0.5, freed.log_probs[0], freed.token_ids[0], freed.held[0])
+    log_p = torch.log_softmax(logits.float() * 0.5, -1).gather(1, freed.token_ids[0])
+    per_position = (freed.log_probs[0].exp() * (freed.log_probs[0] - log_p)).sum(1)
+    assert float(kl_all) == pytest.approx(float(per_position.mean()), rel=1e-5)
+    assert float(kl_held) == pytest.approx(float(per_position[freed.held[0]].mean()), rel=1e-5)
