@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from bench.persona_data import PERSONAS, QA, Persona, is_correct
+from persona_data import PERSONAS, QA, Persona, is_correct  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-key-0123456789abcdef"
