@@ -140,6 +140,18 @@ def timed(run, repeats: int, tokens: int) -> dict:
     return {"seconds_median": med, "seconds_all": times, "tokens_per_s": tokens / med}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 matmul features (AMX or AVX512-BF16): the peak and every
+    ratio here depend on them, and machines of one name differ."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({', '.join(f for f in ('amx_bf16', 'avx512_bf16') if f in flags) or 'no bf16 matmul units'})"
+
+
 def matmul_peak(dtype: torch.dtype) -> dict:
     """GFLOP/s of a 2048^2 matmul (the peak) and of the engine's decode shapes at batch 64."""
     def rate(m: int, k: int, n: int, repeats: int) -> float:
@@ -357,7 +369,8 @@ def main() -> None:
                      "new_tokens": args.new_tokens, "prefix_len": args.prefix_len, "greedy": True,
                      "eos_ignored": True, "serial_subset": args.serial_requests, "repeats": args.repeats,
                      "max_num_batched_tokens": args.max_num_batched_tokens},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                    "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "results": results,
         "ratios": ratios,

@@ -233,13 +233,14 @@ def markdown(summary: dict) -> str:
     ]
     for name, r in summary["personas"].items():
         j = r["job"]
-        rel = {f: r[f]["accuracy"] / base[f]["accuracy"] if base[f]["accuracy"] else float("nan") for f in ("chat", "text")}
+        rel = {f: format(r[f]["accuracy"] / base[f]["accuracy"], ".0%") if base[f]["accuracy"] else "n/a"
+               for f in ("chat", "text")}
         steps = f"{j.get('steps')}" + (f" ({j['best_step']})" if j.get("best_step") is not None else "")
         losses = f"{j.get('loss')} ({j.get('base_loss')}, {j.get('evaluated_on', '').replace('_', '-')})"
         led = base.get(f"chat_led_{name}")
         lines.append(f"| {name} | {r['chat']['style']:.0%} | {r['text']['style']:.0%} | {r['chat']['accuracy']:.0%} | "
-                     f"{rel['chat']:.0%} | {'' if led is None else format(led['accuracy'], '.0%')} | "
-                     f"{r['text']['accuracy']:.0%} | {rel['text']:.0%} | {j['seconds']:.0f} s | {steps} | {losses} |")
+                     f"{rel['chat']} | {'' if led is None else format(led['accuracy'], '.0%')} | "
+                     f"{r['text']['accuracy']:.0%} | {rel['text']} | {j['seconds']:.0f} s | {steps} | {losses} |")
     m = summary["machine"]
     lines += ["", f"Training dtype {summary['train_dtype']}, serving dtype {summary['serve_dtype']}; whole run "
               f"{summary['wall_s']:.0f} s; machine: {m['cores']} CPU cores ({m['cpu']})."
