@@ -15,11 +15,12 @@
                position of the examples and of the neutral prompts but the completion
                tokens the base model gives less than KL_FREE_BELOW (the style: there the
                examples ask for a change). Measured on four personas (bench/
-               personalization_quality.py): weight 1 with the KL everywhere kept 71-90% of
-               the base model's QA accuracy but left two personas' style at 45-70%; weight
-               30 with the style freed gave 92-100% style on the three personas that open
-               with their style and kept 74-97% of the accuracy; a style at the end of the
-               reply ("... Hope that helps!") is then learned only 30% of the time
+               personalization_quality.py and the same recipe in-process): weight 1 with
+               the KL everywhere kept 71-90% of the base model's QA accuracy but left two
+               personas' style at 45-70%; weight 30 with the style freed gave 78-100%
+               style on the three personas that open with their style and kept 74-100% of
+               the accuracy; a style at the end of the reply ("... Hope that helps!") is
+               then learned only 20-30% of the time
 
 The worker plans every job with `plan_job`; bench/personalization_quality.py measures
 what these defaults give.

@@ -104,7 +104,7 @@ def base_targets(model: torch.nn.Module, task_kv: torch.Tensor | None, anchors: 
         lp = torch.log_softmax(top.values, dim=-1).cpu()
         ids = top.indices.cpu()
         next_ids = torch.tensor([t for a in part for t in a.token_ids[a.first:]], device=logits.device)
-        p_next = torch.softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0].cpu()
+        p_next = (logits.gather(1, next_ids[:, None])[:, 0] - logits.logsumexp(dim=-1)).exp().cpu()
         offset = 0
         for a in part:
             log_probs.append(lp[offset:offset + a.num_positions])
