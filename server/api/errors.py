@@ -21,7 +21,7 @@ from prefix_store import (NotReplicatedError, StoreIntegrityError, StoreUnavaila
                           TenantExistsError)
 from prefix_store.errors import OverLimitError, QuotaExceededError, RateLimitedError
 from prefix_store.job import TooManyJobsError
-from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable
+from server.api.prefix_resolver import PrefixNotFound, PrefixUnavailable, UntrainedCompositionError
 from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.llm_engine import KVPoolBusy
 from server.engine.request import RequestError
@@ -98,6 +98,8 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
         return ApiError(404, str(e), "not_found_error")
     if isinstance(e, (InvalidIdError, TemplateError)):
         return ApiError(400, str(e))
+    if isinstance(e, UntrainedCompositionError):
+        return ApiError(400, str(e), "untrained_composition")
     if isinstance(e, TenantExistsError):
         return ApiError(409, str(e), "conflict_error")
     if isinstance(e, ModelMismatchError):
@@ -112,7 +114,7 @@ def api_error_for(e: Exception, retry_after_s: int = 1) -> ApiError | None:
 _MAPPED = (ApiError, StoreUnavailableError, PrefixUnavailable, EngineDeadError, KVPoolBusy, RequestError,
            QueueFullError, TooManyJobsError, RateLimitedError, OverLimitError, QuotaExceededError,
            PrefixNotFound, TenantDeletedError, InvalidIdError, TemplateError, TenantExistsError, PrefixError,
-           StoreIntegrityError)
+           StoreIntegrityError, UntrainedCompositionError)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -86,11 +86,11 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
                   prompts: list[str | list[int]] | None = None, messages: list[Message] | None = None,
                   fields: SamplingFields, max_tokens: int | None, id_prefix: str = "gen",
                   parse_special_tokens: bool = False, n: int = 1, logprobs: int | None = None,
-                  prompt_logprobs: int | None = None) -> list[GenerationJob]:
+                  prompt_logprobs: int | None = None, allow_untrained_composition: bool = False) -> list[GenerationJob]:
     """One job per prompt (or one for `messages`), all on the same prefixes."""
     inputs = [await encode(ctx, None, messages)] if messages is not None else \
         [await encode(ctx, p, None, parse_special_tokens) for p in prompts]
-    prefix = await ctx.resolver.resolve(caller.tenant, names)
+    prefix = await ctx.resolver.resolve(caller.tenant, names, allow_untrained_composition)
     used = [PrefixUsed(id=n, version=r.version) for n, r in zip(names, prefix.refs, strict=True)] if prefix else []
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     limit = ctx.settings.max_output_tokens

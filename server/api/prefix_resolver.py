@@ -17,6 +17,11 @@
 # - At most `max_concurrent_loads` loads run at once, on threads of their own: a storm of
 #   cold prefixes queues there, while requests on resident prefixes (one HGET each, on the
 #   default executor) go on.
+# - A prefix whose record says what it was trained after (a user prefix: its task prefix
+#   and version, or none) is served only right after exactly those prefixes, unless the
+#   request allows it: served after anything else, it meets keys and values it never saw
+#   (the README's user prefix trained alone, then served after a task prefix, answered
+#   with an empty reply). Served from the outage fallback (no record) it is not checked.
 """
 
 from __future__ import annotations
@@ -45,6 +50,32 @@ class PrefixNotFound(LookupError):
 
 class PrefixUnavailable(RuntimeError):
     """The store is unreachable and the prefix is not resident in host memory."""
+
+
+class UntrainedCompositionError(ValueError):
+    """A prefix put after other prefixes than the ones it was trained after."""
+
+
+def check_composition(names: list[str], parts: list[Prefix], records: list[PrefixRecord | None],
+                      admin_tenant: str) -> None:
+    """Raise UntrainedCompositionError where a part's record says it was trained after other
+    prefixes than the parts before it."""
+    def describe(refs: tuple[PrefixRef, ...]) -> str:
+        if not refs:
+            return "no prefix"
+        return " then ".join(shorten((SHARED_PREFIX if r.tenant == admin_tenant else "") + r.prefix_id)
+                             + f" (version {r.version[:12]})" for r in refs)
+
+    for i, (name, record) in enumerate(zip(names, records)):
+        if record is None or record.trained_after is None:
+            continue
+        before = tuple(ref for part in parts[:i] for ref in part.refs)
+        if before != record.trained_after:
+            raise UntrainedCompositionError(
+                f"prefix {shorten(name)} was trained after {describe(record.trained_after)}, but this request puts "
+                f"it after {describe(before)}; it was never trained to read those keys and values. Send it after "
+                "the prefixes it was trained after, train it again after these (POST /v1/users/<user>/personalize "
+                "with base_prefix_id), or set allow_untrained_composition: true to serve it anyway")
 
 
 class PrefixResolver:
@@ -86,11 +117,16 @@ class PrefixResolver:
             raise PrefixNotFound(f"prefix {shorten(name)} not found")
         return record
 
-    async def resolve(self, tenant: str, names: list[str]) -> Prefix | None:
-        """The composed prefix for `names` (in order); None for an empty list."""
+    async def resolve(self, tenant: str, names: list[str], allow_untrained_composition: bool = False) -> Prefix | None:
+        """The composed prefix for `names` (in order); None for an empty list. Raises
+        UntrainedCompositionError for a prefix put after others than it was trained after
+        (unless allowed)."""
         if not names:
             return None
-        parts = [await self._resolve_one(tenant, name) for name in names]
+        resolved = [await self._resolve_one(tenant, name) for name in names]
+        parts = [prefix for prefix, _ in resolved]
+        if not allow_untrained_composition:
+            check_composition(names, parts, [record for _, record in resolved], self.admin_tenant)
         if len(parts) == 1:
             return parts[0]
         key = tuple(r for p in parts for r in p.refs)
@@ -100,14 +136,16 @@ class PrefixResolver:
             self.cache.put(composed)
         return composed
 
-    async def _resolve_one(self, tenant: str, name: str) -> Prefix:
+    async def _resolve_one(self, tenant: str, name: str) -> tuple[Prefix, PrefixRecord | None]:
+        """The prefix a name stands for and its current record (None: served from memory
+        while the store is unreachable)."""
         owner, prefix_id = self.owner_of(tenant, name)
         try:  # InvalidIdError (a malformed id) goes to the caller as it is
             record = await asyncio.to_thread(self.record_of, tenant, name)
         except StoreUnavailableError as e:
             resident = self.cache.latest_resident(owner, prefix_id, shared_only=name.startswith(SHARED_PREFIX))
             if resident is not None:
-                return resident
+                return resident, None
             raise PrefixUnavailable(f"prefix {shorten(name)} is not loaded on this server and the prefix store "
                                     "is unreachable; retry shortly") from e
         if record.model_fingerprint != self.model_fingerprint:
@@ -115,9 +153,9 @@ class PrefixResolver:
                                  f"{record.model_fingerprint}; this server runs {self.model_fingerprint}")
         self.cache.note_version(record.ref, is_shareable(record))
         prefix = self.cache.get((record.ref,))
-        if prefix is not None:
-            return prefix
-        return await self._load(record, name)
+        if prefix is None:
+            prefix = await self._load(record, name)
+        return prefix, record
 
     async def _load(self, record: PrefixRecord, name: str) -> Prefix:
         # One load per version at a time, in its own task: concurrent requests for a cold

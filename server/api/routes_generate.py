@@ -27,7 +27,8 @@ async def generate(body: GenerateRequest, request: Request, caller: Caller = Dep
     ctx = get_ctx(request)
     (job,) = await prepare(ctx, caller, names=prefix_names(body.prefix_id, body.user_id),
                            prompts=None if body.prompt is None else [body.prompt], messages=body.messages,
-                           fields=body, max_tokens=body.max_tokens, parse_special_tokens=body.parse_special_tokens)
+                           fields=body, max_tokens=body.max_tokens, parse_special_tokens=body.parse_special_tokens,
+                           allow_untrained_composition=body.allow_untrained_composition)
     if body.stream:
         outputs = await open_stream(ctx, request, [job])
         return sse_response(_events(job, outputs))

@@ -92,7 +92,8 @@ async def completions(body: CompletionRequest, request: Request, caller: Caller 
     jobs = await prepare(ctx, caller, names=names, prompts=prompts, fields=body,
                          max_tokens=body.max_tokens, id_prefix="cmpl", parse_special_tokens=body.parse_special_tokens,
                          n=samples, logprobs=logprobs if body.max_tokens else None,
-                         prompt_logprobs=body.logprobs if scoring else (0 if body.max_tokens == 0 else None))
+                         prompt_logprobs=body.logprobs if scoring else (0 if body.max_tokens == 0 else None),
+                         allow_untrained_composition=body.allow_untrained_composition)
     head = {"id": jobs[0].response_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
     texts = TokenTexts(ctx.tokenizer)
     echoes = [_echo_text(ctx, p, job) if body.echo else "" for p, job in zip(prompts, jobs)]
@@ -169,7 +170,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     names = await _names(ctx, caller, body)
     (job,) = await prepare(ctx, caller, names=names, messages=body.messages, fields=body,
                            max_tokens=max_tokens, id_prefix="chatcmpl", n=body.n,
-                           logprobs=top if body.logprobs else None)
+                           logprobs=top if body.logprobs else None,
+                           allow_untrained_composition=body.allow_untrained_composition)
     head = {"id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model}
     texts = TokenTexts(ctx.tokenizer)
     if body.stream:

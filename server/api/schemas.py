@@ -64,6 +64,9 @@ class GenerateRequest(SamplingFields):
     max_tokens: int = Field(64, ge=1)
     stream: bool = False
     user_id: str | None = Field(None, description="append the user's prefix 'user:<user_id>'")
+    allow_untrained_composition: bool = Field(
+        False, description="serve a prefix after other prefixes than the ones it was trained after "
+                           "(default: refused with 400 untrained_composition)")
     parse_special_tokens: bool = Field(
         False, description="read special tokens' spellings in a text prompt as the tokens (default: as text)")
 
@@ -111,6 +114,8 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user tag: selects `user:<user>` if the tenant opted in (routes_openai)
     user_id: str | None = Field(None, description="extension: append the prefix 'user:<user_id>'")
+    allow_untrained_composition: bool = Field(
+        False, description="extension: serve a prefix after other prefixes than the ones it was trained after")
 
 
 class CompletionRequest(OpenAIFields):

@@ -128,6 +128,19 @@ def test_job_trains_a_user_prefix_that_serves_after_the_task_prefix(service, acm
             assert [p["id"] for p in out["prefix"]] == [TASK, "user:ada"]
             listed = generate(c, example["prompt"], prefix_id=[TASK, "user:ada"])
             assert listed["token_ids"] == out["token_ids"]  # user_id = the list, in that order
+        # served after anything but the task prefix it was trained after: refused, unless allowed
+        for names in (["user:ada"], ["user:ada", TASK], [TASK, TASK, "user:ada"]):
+            r = c.post("/v1/generate", json={"prompt": "x", "prefix_id": names, "max_tokens": 2})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "untrained_composition", (names, r.text)
+            assert f"was trained after '{TASK}' (version" in r.json()["error"]["message"]
+        r = c.post("/v1/generate", json={"prompt": "x", "user_id": "ada", "max_tokens": 2,
+                                         "allow_untrained_composition": True})
+        assert r.status_code == 200 and [p["id"] for p in r.json()["prefix"]] == ["user:ada"]
+        r = c.post("/v1/completions", json={"model": TASK, "user_id": "ada", "max_tokens": 2, "prompt": "x"})
+        assert r.status_code == 200, r.text  # the OpenAI routes check the same way
+        model = c.get("/v1/models").json()["data"][0]["id"]  # the base model
+        r = c.post("/v1/completions", json={"model": model, "user_id": "ada", "max_tokens": 2, "prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "untrained_composition"
         # a finished job cannot be cancelled any more
         r = c.delete(f"/v1/jobs/{job_id}")
         assert r.status_code == 409 and "already succeeded" in r.json()["error"]["message"]
