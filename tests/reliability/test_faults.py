@@ -48,8 +48,11 @@ def job(c: httpx.Client, job_id: str) -> dict:
     return r.json()
 
 
-def submit(c: httpx.Client, user: str, steps: int) -> str:
-    r = c.post(f"/v1/users/{user}/personalize", json={"examples": EXAMPLES, "steps": steps, "num_virtual_tokens": 4})
+def submit(c: httpx.Client, user: str, steps: int, after: str | None = None) -> str:
+    body = {"examples": EXAMPLES, "steps": steps, "num_virtual_tokens": 4}
+    if after is not None:
+        body["base_prefix_id"] = after
+    r = c.post(f"/v1/users/{user}/personalize", json=body)
     assert r.status_code == 202, r.text
     return r.json()["job_id"]
 
@@ -125,7 +128,7 @@ def test_a_worker_killed_mid_job_under_load_loses_nothing(workdir):
             requests = {"task": ("POST", "/v1/generate", generate_body("task")),
                         "base": ("POST", "/v1/generate", generate_body(None))}
             with Traffic(serve.url, key, requests, threads=1) as traffic:
-                job_id = submit(c, "ada", steps=100)
+                job_id = submit(c, "ada", steps=100, after="task")
                 wait_for(lambda: job(c, job_id)["progress"] > 0, 300, "the job to train", serve)
                 [pid] = serve.worker_pids()
                 os.kill(pid, signal.SIGKILL)
