@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     prefill_attention_budget: int = Field(
         1 << 20, gt=0, description="query x key pairs of prefill attention in one step: a long prompt's chunks shrink "
                                    "as its context grows, so that every step stays short")
+    guide_compile_timeout_s: float = Field(
+        20.0, gt=0, description="structured output: a response_format whose pattern takes longer to compile is a 400")
 
     # --- admission and limits
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones get 429")
@@ -185,7 +187,7 @@ class Settings(BaseSettings):
                             max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             prefill_attention_budget=self.prefill_attention_budget,
-                            max_model_len=self.max_model_len)
+                            max_model_len=self.max_model_len, guide_compile_timeout_s=self.guide_compile_timeout_s)
 
     def tenant_limits(self):
         """The default TenantLimits (a tenant's overrides replace some of them)."""
@@ -212,6 +214,7 @@ SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url
                                          "redis_wait_timeout_ms", "cache_dir", "model", "dtype",
                                          "device", "kv_cache_bytes", "block_size", "max_num_seqs",
                                          "max_num_batched_tokens", "prefill_attention_budget", "max_model_len",
+                                         "guide_compile_timeout_s",
                                          "max_queue", "retry_after_s", "max_choices", "request_timeout_s",
                                          "max_output_tokens", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
                                          "host_cache_bytes", "prefix_load_concurrency", "tenant_max_concurrent_requests",

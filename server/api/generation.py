@@ -32,6 +32,7 @@ from server.api.context import ServerContext
 from server.api.errors import ApiError, ClientGone
 from server.api.schemas import Message, PrefixUsed, SamplingFields
 from server.engine.async_engine import RequestTimeoutError
+from server.engine.guided_decoding import GuideError, json_schema_regex
 from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.request import RequestError
 from server.engine.sampling_params import SamplingParams
@@ -97,6 +98,7 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
     if max_tokens is not None and limit is not None and max_tokens > limit:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {limit} tokens per request "
                             "(max_output_tokens)")
+    regex = guided_regex(fields)
     jobs = []
     for i, prompt_ids in enumerate(inputs):
         tokens = max_tokens
@@ -107,7 +109,7 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
             sampling = SamplingParams(max_tokens=tokens, temperature=fields.temperature, top_p=fields.top_p,
                                       top_k=fields.top_k, seed=fields.seed, stop=fields.stop_strings(),
                                       ignore_eos=fields.ignore_eos, n=n, logprobs=logprobs,
-                                      prompt_logprobs=prompt_logprobs)
+                                      prompt_logprobs=prompt_logprobs, guided_regex=regex)
         except ValueError as e:
             raise ApiError(400, str(e)) from e
         rid = request_id if len(inputs) == 1 else f"{request_id}-{i}"
@@ -122,6 +124,18 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
         release(ctx, admitted)
         raise
     return jobs
+
+
+def guided_regex(fields: SamplingFields) -> str | None:
+    """The pattern response_format holds the output to (None: free text); 400 for a schema
+    that cannot guide decoding."""
+    fmt = fields.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    try:
+        return json_schema_regex(None if fmt.type == "json_object" else fmt.json_schema.schema_)
+    except GuideError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def release(ctx: ServerContext, jobs: list[GenerationJob]) -> None:

@@ -37,6 +37,30 @@ class Message(BaseModel):
         return "".join(texts)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    # `schema` is the OpenAI name; pydantic reserves it on models, hence the alias
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None  # output always follows the schema here; the flag changes nothing
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object with a schema")
+        return self
+
+
 class SamplingFields(BaseModel):
     """Sampling knobs shared by every generation route (checked again by SamplingParams)."""
 
@@ -46,6 +70,9 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = Field(False, description="keep going past EOS (benchmarks)")
+    response_format: ResponseFormat | None = Field(
+        None, description="structured output: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+                          "{'schema': {...}}}; the output is held to it token by token")
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

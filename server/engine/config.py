@@ -16,6 +16,7 @@ class EngineConfig:
     # to): a long prompt's chunks shrink as its context grows, so a step stays short.
     prefill_attention_budget: int = 1 << 20
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    guide_compile_timeout_s: float = 20.0  # structured output: longer compiles are refused (guided_decoding.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -30,5 +31,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.prefill_attention_budget < 1:
             raise ValueError(f"prefill_attention_budget must be positive, got {self.prefill_attention_budget}")
+        if not self.guide_compile_timeout_s > 0:
+            raise ValueError(f"guide_compile_timeout_s must be positive, got {self.guide_compile_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

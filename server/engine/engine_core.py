@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -113,6 +114,9 @@ class EngineCore:
         self._quiet: dict[str, dict[int, RequestOutput]] = {}  # non-streaming requests: each sample so far
         self._batch = StepBatch()
         self._added_through = 0  # the seq of the last AddRequest applied
+        # structured output: requests whose pattern compiles on a thread, off the step loop
+        self._compiling: dict[str, tuple[Future, AddRequest]] = {}
+        self._compiler: ThreadPoolExecutor | None = None
         self.stopped = False
 
     # ---- commands
@@ -124,6 +128,7 @@ class EngineCore:
             elif isinstance(cmd, ComputeKV):
                 self._compute_kv(cmd)
             elif isinstance(cmd, Abort):
+                self._compiling.pop(cmd.request_id, None)
                 self._quiet.pop(cmd.request_id, None)
                 self.engine.abort(cmd.request_id)
                 self._release(cmd.request_id)
@@ -135,6 +140,12 @@ class EngineCore:
 
     def _add(self, cmd: AddRequest) -> None:
         self._added_through = max(self._added_through, cmd.seq)
+        regex, guides = cmd.sampling.guided_regex, self.engine.guides
+        if regex is not None and guides is not None and not guides.has(regex):
+            if self._compiler is None:
+                self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guide-compiler")
+            self._compiling[cmd.request_id] = (self._compiler.submit(guides.index, regex), cmd)
+            return
         ready, prefix = self._command_prefix(cmd)
         if not ready:
             return
@@ -208,8 +219,21 @@ class EngineCore:
 
     # ---- the loop
 
+    def _add_compiled(self) -> None:
+        """Add the requests whose pattern has compiled (or reject them, saying why)."""
+        for request_id, (future, cmd) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            if future.exception() is not None:
+                self._batch.rejected.append((request_id, future.exception()))
+            else:
+                self._add(cmd)
+
     def step(self) -> StepBatch:
         """Run one step (if there is work) and return everything to send for it."""
+        if self._compiling:
+            self._add_compiled()
         if self.engine.has_unfinished():
             for out in self.engine.step():
                 self._emit(out)
@@ -242,12 +266,14 @@ class EngineCore:
         commands that arrived (waiting up to `timeout` for the first; None = forever)."""
         while not self.stopped:
             busy = self.engine.has_unfinished()
-            self.apply(receive(0.0 if busy else idle_wait_s))
+            self.apply(receive(0.0 if busy else 0.005 if self._compiling else idle_wait_s))
             if self.stopped:
-                return
+                break
             batch = self.step()
             if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten or batch.kvs:
                 send(batch)
+        if self._compiler is not None:
+            self._compiler.shutdown(wait=False, cancel_futures=True)
 
 
 def _merge(before: RequestOutput, after: RequestOutput) -> RequestOutput:

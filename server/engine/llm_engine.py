@@ -17,6 +17,7 @@ import torch
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer, emittable, find_stop
+from server.engine.guided_decoding import GuideCompiler, mask_logits
 from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.logprobs import token_logprobs
 from server.engine.model_runner import ModelRunner, StepLogits
@@ -48,6 +49,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.detokenizer = Detokenizer(tokenizer)
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.guides = None if tokenizer is None else GuideCompiler(
+            tokenizer, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(self.eos_token_ids),
+            timeout_s=config.guide_compile_timeout_s)
         self.requests: dict[str, list[Request]] = {}  # request id -> its samples (n of them)
         self._stats = EngineStats()
         self.limits = EngineLimits(spec=self.spec, vocab_size=int(model.config.vocab_size),
@@ -75,6 +79,9 @@ class LLMEngine:
         prompt = [int(t) for t in prompt_token_ids]
         samples = [Request(request_id, prompt, sampling, prefix, index=i, tenant=str(tenant))
                    for i in range(sampling.n)]
+        if sampling.guided_regex is not None:  # compiles the pattern unless cached (raises GuideError)
+            for req in samples:
+                req.guide = self.guides.guide(sampling.guided_regex)
         for req in samples:
             if arrival_time is not None:
                 req.arrival_time = arrival_time
@@ -187,16 +194,25 @@ class LLMEngine:
         params = [r.sampling for r in sampled]
         index = [len(r.output_token_ids) for r in sampled]
         which = [r.index for r in sampled]
+        guided = [i for i, r in enumerate(sampled) if r.guide is not None]
+        if guided:  # structured output: only the tokens its pattern allows next
+            logits = mask_logits(logits, guided, [sampled[i].guide for i in guided])
         try:
-            return sample(logits, params, index, which)
+            out: list[int | Exception] = sample(logits, params, index, which)
         except Exception:  # noqa: BLE001
-            out: list[int | Exception] = []
+            out = []
             for row in range(len(sampled)):
                 try:
                     out.extend(sample(logits[row:row + 1], params[row:row + 1], index[row:row + 1], which[row:row + 1]))
                 except Exception as e:  # noqa: BLE001
                     out.append(e)
-            return out
+        for i in guided:  # EOS ends the request (its pattern allowed it): nothing to advance
+            if not isinstance(out[i], Exception) and out[i] not in self.eos_token_ids:
+                try:
+                    sampled[i].guide.advance(out[i], return_tokens=False)
+                except Exception as e:  # noqa: BLE001 - this request fails alone
+                    out[i] = e
+        return out
 
     def _update_text(self, req: Request) -> None:
         """Detokenize req's new token; a stop string in the new text cuts it and finishes req."""

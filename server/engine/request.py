@@ -64,6 +64,8 @@ def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: S
                            f"{limits.num_blocks}")
     if sampling.stop and not limits.has_tokenizer:
         raise RequestError("stop strings need a tokenizer; this engine has none")
+    if sampling.guided_regex is not None and not limits.has_tokenizer:
+        raise RequestError("structured output needs a tokenizer; this engine has none")
 
 
 class RequestStatus(Enum):
@@ -107,6 +109,7 @@ class Request:
     cumulative_logprob: float = 0.0
     num_logprobs_emitted: int = 0
     prompt_logprobs_sent: bool = False
+    guide: object | None = None  # outlines_core.Guide: where the text is in sampling.guided_regex
 
     @property
     def prefix_len(self) -> int:

@@ -18,6 +18,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # top tokens reported per position
 MAX_SAMPLES = 64  # n
+MAX_REGEX_CHARS = 65_536  # a guided request's pattern (server/engine/guided_decoding.py)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class SamplingParams:
     n: int = 1  # samples of this prompt; they share the prefix's and the prompt's KV blocks
     logprobs: int | None = None  # report each output token's logprob and this many top tokens
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (scoring)
+    guided_regex: str | None = None  # structured output: the text must match this (guided_decoding.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
@@ -56,6 +58,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be 0 (off) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2^63 - 1), got {self.seed!r}")
+        if self.guided_regex is not None and (not isinstance(self.guided_regex, str) or not self.guided_regex
+                                              or len(self.guided_regex) > MAX_REGEX_CHARS):
+            raise ValueError(f"guided_regex must be a non-empty pattern of at most {MAX_REGEX_CHARS} characters")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
         for s in self.stop:

@@ -127,6 +127,7 @@ class Scheduler:
         """A request that holds its blocks already (a sample forked from a running one)."""
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        self.num_running_of[request.tenant] += 1  # as for any running request: _stop_running takes it off
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -178,3 +178,48 @@ def test_tokenize_detokenize_tokenizer_info_and_models(stack, tenant_key, upload
     assert cards["q0"].prefix_length == 4 and cards["q0"].version == uploaded[0]["version"]
     assert cards["q1"].prefix_length == 6 and cards[MODEL_NAME].max_model_len == tok["max_model_len"]
     assert math.isfinite(cards["q0"].created)
+
+
+# --- structured output (response_format). The test tokenizer spells no braces or quotes, so
+# the JSON here is a boolean; tests/engine/test_guided_decoding.py holds SmolLM2 to object schemas.
+
+BOOLEAN_FORMAT = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {"type": "boolean"}}}
+
+
+def test_response_format_holds_every_route_to_the_schema(client, stack, tenant_key):
+    import json
+
+    for seed in range(3):
+        chat = client.chat.completions.create(model="q0", messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=8, temperature=1.0, seed=seed, n=2,
+                                              response_format=BOOLEAN_FORMAT)
+        for choice in chat.choices:
+            assert choice.finish_reason == "stop" and json.loads(choice.message.content) in (True, False)
+    text = client.completions.create(model="q1", prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                     extra_body={"response_format": BOOLEAN_FORMAT})
+    assert json.loads(text.choices[0].text) in (True, False)
+    streamed = client.chat.completions.create(model="q0", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                              temperature=0, stream=True, response_format=BOOLEAN_FORMAT)
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)) in (True, False)
+    with stack.client(tenant_key) as c:
+        r = c.post("/v1/generate", json={"prefix_id": "q0", "prompt": PROMPTS[0], "max_tokens": 8,
+                                         "response_format": BOOLEAN_FORMAT})
+        assert r.status_code == 200 and json.loads(r.json()["text"]) in (True, False)
+        free = c.post("/v1/generate", json={"prefix_id": "q0", "prompt": PROMPTS[0], "max_tokens": 8,
+                                            "response_format": {"type": "text"}, "ignore_eos": True})
+        assert free.status_code == 200 and len(free.json()["token_ids"]) == 8
+
+
+def test_a_response_format_that_cannot_be_followed_is_a_400_naming_why(client):
+    with pytest.raises(openai.BadRequestError, match="cannot be used for constrained decoding"):
+        client.chat.completions.create(model="q0", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "object", "properties": {
+                                               "a": {"$ref": "#/nowhere"}}}}})
+    # any JSON object needs braces, which this tokenizer cannot spell: the engine says so
+    with pytest.raises(openai.BadRequestError, match="cannot be followed with this model's tokens"):
+        client.chat.completions.create(model="q0", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(model="q0", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       response_format={"type": "json_schema"})

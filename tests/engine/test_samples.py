@@ -29,6 +29,9 @@ def test_forked_samples_hold_shared_blocks_while_running():
     prefix_blocks = engine.kv.prefixes.num_blocks
     assert engine.kv.pool.num_free == 64 - prefix_blocks - 2 - 4  # 2 shared + 4 private tails
     assert engine.kv.prefixes.get(prefix.key).users == 4
+    # the forks run as their tenant's requests: fair shares count them, and each one's end
+    # takes only itself off (a fork ending early once left its parent's tenant uncounted)
+    assert engine.scheduler.num_running_of[""] == 4
     while engine.has_unfinished():
         engine.step()
     assert engine.kv.pool.num_free == 64 - prefix_blocks and engine.kv.prefixes.get(prefix.key).users == 0
