@@ -125,6 +125,7 @@ class _ProcessChannel:
         self._proc = ctx.Process(target=engine_process_main, args=(child, self.config), name="prefix-serve-engine",
                                  daemon=True)
         self._proc.start()
+        print(f"prefix-serve: engine process started (pid {self._proc.pid})", flush=True)
         child.close()
         self._conn = parent
         if not parent.poll(self.start_timeout_s):

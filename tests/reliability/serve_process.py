@@ -123,6 +123,10 @@ class Serve:
     def redis_url(self) -> str:
         return re.findall(r"started redis-server at (\S+)", self.log())[-1]
 
+    def engine_pid(self) -> int:
+        """The engine process of this run (a restart starts a new one)."""
+        return int(re.findall(r"engine process started \(pid (\d+)\)", self.log())[-1])
+
     def worker_pids(self) -> list[int]:
         return [int(p) for p in re.findall(r"training worker \d+ started \(pid (\d+)\)", self.log())]
 

@@ -146,9 +146,14 @@ def test_a_worker_killed_mid_job_under_load_loses_nothing(workdir):
 
 
 def test_sigterm_mid_load_finishes_admitted_requests_refuses_new_ones_then_exits(workdir):
-    # one request runs at a time, so the admitted ones keep the drain busy for a while
+    # One request runs at a time and the engine process is paused (SIGSTOP) while the six are
+    # admitted and the drain starts, so all six are still in the server when SIGTERM comes.
+    # (Unpaused, the tiny model runs a 200-token request in ~0.13 s: on a busy machine the first
+    # ones ended before the last were admitted, and the waiting gauge never reached 5.) A paused
+    # engine is still alive (liveness is its process), so nothing restarts or fails it.
     serve = Serve(workdir, "--workers", "0", "--max-num-seqs", "1", "--max-queue", "16",
                   "--drain-timeout-s", "120").start()
+    engine = serve.engine_pid()
     try:
         key = serve.create_tenant("acme")
         body = {**generate_body(None, max_tokens=200), "stream": True}
@@ -161,33 +166,38 @@ def test_sigterm_mid_load_finishes_admitted_requests_refuses_new_ones_then_exits
                     if line.startswith("data: {"):
                         results[i].append(json.loads(line[6:]))
 
+        os.kill(engine, signal.SIGSTOP)
         threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(6)]
         for t in threads:
             t.start()
-        wait_for(lambda: any(results), 60, "the first tokens", serve)
-        with serve.client(key) as c:  # all six admitted: one running, five waiting for its slot
+        with serve.client(key) as c:  # all six admitted: one for the free slot, five waiting for it
             wait_for(lambda: _gauge(c.get("/metrics").text, "prefix_serve_num_requests_waiting") == 5, 60,
-                     "the other five requests to be admitted", serve)
+                     "the six requests to be admitted", serve)
         serve.proc.send_signal(signal.SIGTERM)
         with serve.client(key) as c:
             # the drain is on once /ready says so (not before: a request sent earlier is admitted)
             wait_for(lambda: "shutting down" in c.get("/ready").text, 30, "the drain", serve)
             refused = [c.post("/v1/generate", json=generate_body(None)) for _ in range(3)]
             health = c.get("/health")
+        assert not any(results), "a request ran while the engine was paused"
         for r in refused:
             assert r.status_code == 503 and r.headers["retry-after"] and "shutting down" in r.json()["error"]["message"]
         assert health.status_code == 200  # draining is not dead: no restart wanted
+        os.kill(engine, signal.SIGCONT)
         for t in threads:
             t.join(120)
         assert serve.proc.wait(60) == 0
         for events in results:  # every admitted request ran to its end
             assert sum(len(e["token_ids"]) for e in events) == 200 and events[-1]["finish_reason"] == "length"
-        assert len({json.dumps([e["token_ids"] for e in ev]) for ev in results}) >= 1
         tokens = [[t for e in ev for t in e["token_ids"]] for ev in results]
         assert all(t == tokens[0] for t in tokens)  # the same greedy request, the same tokens
         with pytest.raises(redis.ConnectionError):  # its redis-server stopped with it
             redis.Redis.from_url(serve.redis_url(), socket_connect_timeout=1).ping()
     finally:
+        try:
+            os.kill(engine, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
         serve.close()
 
 
