@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# the slowest tests, so the suite's time (kept under 15 min on 2 cores) is watched in every CI log
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -25,6 +25,7 @@ from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import LLMEngine
 from tests.factories import peft_prefix_model, tiny_llama
+from tests.processes import START_BOUND_S
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 MODEL_NAME = "tiny-llama"
@@ -108,7 +109,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = START_BOUND_S) -> "ServerThread":
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from prefix_store.redis_process import free_port
-from tests.processes import log_tail, stop_process
+from tests.processes import START_BOUND_S, log_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "docker" / "haproxy" / "haproxy.cfg"
@@ -44,7 +44,7 @@ class HAProxy:
         (self.dir / "haproxy.cfg").write_text(local_config(replicas, self.port))
         self._proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15.0) -> "HAProxy":
+    def start(self, timeout: float = START_BOUND_S) -> "HAProxy":
         log = open(self.dir / "haproxy.log", "wb")
         # -db: stay in the foreground
         self._proc = subprocess.Popen([self.exe, "-db", "-f", str(self.dir / "haproxy.cfg")],

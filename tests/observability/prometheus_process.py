@@ -14,7 +14,7 @@ import httpx
 import yaml
 
 from prefix_store.redis_process import free_port
-from tests.processes import log_tail, stop_process
+from tests.processes import START_BOUND_S, log_tail, stop_process
 
 
 class PrometheusServer:
@@ -31,7 +31,7 @@ class PrometheusServer:
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self._proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "PrometheusServer":
+    def start(self, timeout: float = START_BOUND_S) -> "PrometheusServer":
         log = open(self.dir / "prometheus.log", "wb")
         self._proc = subprocess.Popen(
             [self.exe, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",

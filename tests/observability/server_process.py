@@ -14,7 +14,7 @@ import httpx
 from prefix_store.redis_process import free_port
 from tests.api.harness import ADMIN_KEY
 from tests.factories import tiny_llama
-from tests.processes import log_tail, stop_process
+from tests.processes import START_BOUND_S, log_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ class ServerProcess:
                                           stdout=log, stderr=subprocess.STDOUT)
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = START_BOUND_S) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         while True:
             if self._proc is None or self._proc.poll() is not None:

@@ -20,6 +20,7 @@ import pytest
 from prefix_store.redis_process import RedisServer
 from tests.api.harness import free_port
 from tests.training.conftest import make_byte_tokenizer, make_tiny_llama
+from tests.processes import START_BOUND_S
 
 ADMIN_KEY = "personalization-admin-key-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +115,7 @@ def start_service(tmp: Path, chat_template: bool = False) -> Iterator[Service]:
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, 120, "the server to be ready", service)
+        wait_for(ready, START_BOUND_S, "the server to be ready", service)
         yield service
     finally:
         proc.send_signal(signal.SIGTERM)

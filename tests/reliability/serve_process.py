@@ -21,7 +21,7 @@ from safetensors.torch import save
 
 from prefix_store.redis_process import free_port
 from server.prefix import ModelSpec
-from tests.processes import log_tail
+from tests.processes import START_BOUND_S, log_tail
 from tests.training.conftest import make_byte_tokenizer, make_tiny_llama
 
 ADMIN_KEY = "reliability-admin-key-0123456789"
@@ -74,7 +74,7 @@ class Serve:
         self.proc: subprocess.Popen | None = None
         self._log_offset = 0
 
-    def start(self, timeout: float = 300.0) -> "Serve":
+    def start(self, timeout: float = START_BOUND_S) -> "Serve":
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
         env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
