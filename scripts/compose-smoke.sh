@@ -69,25 +69,49 @@ podman build --format docker --network=none -f docker/Dockerfile --ignorefile do
     --build-arg BASE_IMAGE=$BASE --build-arg PIP_OFFLINE=1 -t prefix-serve:latest . > "$WORK/build.log" 2>&1 \
     || { tail -30 "$WORK/build.log"; exit 1; }
 
-# 2. the stack: compose.yaml as it is, the public images swapped for the base image
+# Stand-ins for the public images, each built on the base with the entrypoint and default
+# command of the official image it replaces, so compose.yaml runs unchanged (podman-compose
+# 1.0.3 appends an override file's `command` to the original instead of replacing it).
+# redis: the official entrypoint adds --protected-mode no (clients come from other containers).
+stand_in() {  # name, Containerfile body
+    printf 'FROM %s\n%s\n' "$BASE" "$2" > "$WORK/Containerfile.$1"
+    podman build --format docker --network=none -q -f "$WORK/Containerfile.$1" -t "localhost/stand-in-$1:smoke" "$WORK" > /dev/null
+}
+step "building the stand-in images for redis, haproxy and prometheus"
+printf '#!/bin/sh\nif [ "$1" = redis-server ]; then shift; set -- redis-server --protected-mode no "$@"; fi\nexec "$@"\n' \
+    > "$WORK/redis-entrypoint.sh"
+stand_in redis 'COPY redis-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+RUN chmod +x /usr/local/bin/docker-entrypoint.sh && mkdir -p /data
+WORKDIR /data
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["redis-server"]'
+stand_in haproxy 'RUN mkdir -p /usr/local/etc/haproxy
+CMD ["haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]'
+stand_in prometheus 'RUN mkdir -p /prometheus
+WORKDIR /prometheus
+ENTRYPOINT ["prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
+
+# 2. the stack: compose.yaml as it is, only the public images swapped for the stand-ins
 cat > "$WORK/compose.local-images.yaml" <<EOF
 services:
   redis:
-    image: $BASE
-    command: ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--dir", "/data",
-              "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction", "--save", ""]
+    image: localhost/stand-in-redis:smoke
   lb:
-    image: $BASE
-    command: ["haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]
+    image: localhost/stand-in-haproxy:smoke
   prometheus:
-    image: $BASE
-    command: ["prometheus", "--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
+    image: localhost/stand-in-prometheus:smoke
 EOF
 export PREFIX_SERVE_ADMIN_KEY
 PREFIX_SERVE_ADMIN_KEY=$(python3 -c "import secrets; print(secrets.token_urlsafe(24))")
 compose() { podman-compose -p $PROJECT -f docker/compose.yaml -f "$WORK/compose.local-images.yaml" "$@"; }
 cleanup() { step "stopping the stack"; compose down -v > "$WORK/down.log" 2>&1 || true; }
 trap cleanup EXIT
+# Leftovers of an interrupted run: its containers, its network, and aardvark-dns's record of
+# that network (stale addresses there left every service name unresolvable in the new one).
+compose down -v > "$WORK/down.log" 2>&1 || true
+podman network rm -f ${PROJECT}_default > /dev/null 2>&1 || true
+rm -f /run/containers/networks/aardvark-dns/${PROJECT}_default
 step "starting redis, server-1, server-2, worker, lb, prometheus (log: $WORK/up.log)"
 compose up -d redis server-1 server-2 worker lb prometheus > "$WORK/up.log" 2>&1 || { tail -30 "$WORK/up.log"; exit 1; }
 
