@@ -69,6 +69,24 @@ def wait_for(predicate, timeout: float, what: str, log: Service | None = None):
         time.sleep(0.05)
 
 
+def wait_while_advancing(observe, done, what: str, log: Service | None = None, stall_s: float = 120.0):
+    """Poll observe() until done(value) (returns that value). The bound is on a stall, not on
+    the whole wait: it fails only when what the server reports (a job's status, attempt and
+    step, say) has not changed for stall_s seconds. A long job on a busy machine takes as long
+    as it takes; a stuck one fails."""
+    last, changed = object(), time.monotonic()
+    while True:
+        value = observe()
+        if done(value):
+            return value
+        if value != last:
+            last, changed = value, time.monotonic()
+        elif time.monotonic() - changed > stall_s:
+            pytest.fail(f"timed out waiting for {what}: nothing changed for {stall_s:.0f} s (last seen {value!r})"
+                        + (f"\nserver log:\n{log.log()[-4000:]}" if log else ""))
+        time.sleep(0.05)
+
+
 def is_worker(pid: int) -> bool:
     """pid is (still) one of our worker processes, not a process that reused the number."""
     try:
