@@ -112,6 +112,14 @@ trap cleanup EXIT
 compose down -v > "$WORK/down.log" 2>&1 || true
 podman network rm -f ${PROJECT}_default > /dev/null 2>&1 || true
 rm -f /run/containers/networks/aardvark-dns/${PROJECT}_default
+# ... and netavark's NAT rules of an interrupted run's containers: a stale DNAT of :8000 to
+# an address that is gone comes first and answers "No route to host". With no container
+# running, every NETAVARK rule is stale; netavark writes them again for the new containers.
+if [ -z "$(podman ps -q)" ] && command -v iptables-save > /dev/null; then
+    for table in nat filter; do
+        iptables-save -t $table | grep -v NETAVARK | iptables-restore -T $table
+    done
+fi
 step "starting redis, server-1, server-2, worker, lb, prometheus (log: $WORK/up.log)"
 compose up -d redis server-1 server-2 worker lb prometheus > "$WORK/up.log" 2>&1 || { tail -30 "$WORK/up.log"; exit 1; }
 

@@ -122,7 +122,12 @@ class Worker:
                 self._wait(1.0)
                 continue
             if job is not None:
-                thread = threading.Thread(target=self.run_job, args=(job,), name=f"job-{job.job_id}", daemon=True)
+                # A job this worker still runs can come back: its lease lapsed (the process was
+                # starved past the claim timeout) and the claim took it over as a new attempt.
+                # The new attempt waits for the old one, which finds its lease lost and stops.
+                earlier = self._threads.get(job.job_id)
+                thread = threading.Thread(target=self.run_job, args=(job, earlier), name=f"job-{job.job_id}",
+                                          daemon=True)
                 self._threads[job.job_id] = thread
                 thread.start()
             elif self._threads:
@@ -144,11 +149,12 @@ class Worker:
             if not thread.is_alive():
                 del self._threads[job_id]
 
-    def run_job(self, job: Job) -> JobStatus | None:
+    def run_job(self, job: Job, earlier: threading.Thread | None = None) -> JobStatus | None:
         """Run one claimed job to its end, taking turns with the worker's other jobs; the status
-        recorded (None: given back or lost)."""
+        recorded (None: given back or lost). `earlier`: this worker's own earlier attempt at
+        the same job, still running, whose lease this attempt took over."""
         try:
-            return self._run_job(job)
+            return self._run_job(job, earlier)
         except StoreUnavailableError as e:
             # The entry stays pending: another worker (or this one) takes it over once Redis is back.
             log.warning("job %s: %s; left for a retry", job.job_id, e)
@@ -156,10 +162,14 @@ class Worker:
         finally:
             self._slot_free.set()
 
-    def _run_job(self, job: Job) -> JobStatus | None:
+    def _run_job(self, job: Job, earlier: threading.Thread | None = None) -> JobStatus | None:
         log.info("job %s (tenant %s, user %s): attempt %d", job.job_id, job.tenant, job.user_id, job.attempts)
         started = time.monotonic()
-        lease = _Lease(self.queue, job, self.config, self.stop_requested)
+        lease = _Lease(self.queue, job, self.config, self.stop_requested)  # heartbeats from here on
+        if earlier is not None:
+            log.warning("job %s: this worker's lease lapsed and it took the job over as attempt %d; "
+                        "waiting for the earlier attempt to stop", job.job_id, job.attempts)
+            earlier.join()  # it stops at its next step or heartbeat (its lease is lost) and leaves the turns
 
         def should_stop() -> bool:
             return lease.state != LeaseState.ACTIVE or self.stop_requested.is_set()

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Limits the tests hit on purpose (and room for a long job to cancel or kill).
 LIMITS = {"--max-jobs-per-tenant": 2, "--max-train-examples": 4, "--max-train-example-tokens": 64,
           "--max-train-steps": 20000, "--max-train-virtual-tokens": 32}
-CLAIM_TIMEOUT_S = 2  # a killed worker's job is taken over after this much silence
+CLAIM_TIMEOUT_S = 6  # a killed worker's job is taken over after this much silence
 
 
 @dataclass

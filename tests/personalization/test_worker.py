@@ -202,3 +202,46 @@ def test_a_long_job_yields_to_another_tenants_short_job_and_both_go_back_on_stop
         job = queue.get(tenant, job_id)
         assert (job.status, job.attempts) == (JobStatus.QUEUED, 0), job
     assert store.get_record("acme", "user:ada") is None and store.get_record("initech", "user:cy") is None
+
+
+def test_a_job_whose_lease_lapsed_in_this_worker_is_finished_by_its_next_attempt(redis_backend):
+    """Replays flake-hunt run 5's interleaving: the worker was starved past the claim timeout
+    while training, so its own next claim took the job over as attempt 2 while attempt 1 still
+    ran. Attempt 2 waits for attempt 1 (which finds its lease lost and stops) and finishes the
+    job; before, it raised 'already joined' and the job stayed running for ever."""
+    namespace = unique_namespace()
+    queue = JobQueue(redis_backend.url, namespace, claim_timeout_s=0.5)
+    store = PrefixStore(redis_backend.url, namespace=namespace)
+    model = make_tiny_llama()
+    worker = Worker(model, make_byte_tokenizer(), queue, store,
+                    WorkerConfig(consumer="w1", mid_dim=32, idle_block_ms=50, busy_poll_s=0.05, heartbeat_s=0.1))
+    starved = threading.Event()  # attempt 1's heartbeats hang (the starved process) until set
+    real_heartbeat = queue.heartbeat
+
+    def heartbeat(job, consumer, **progress):
+        if job.attempts == 1 and not starved.wait(60):
+            raise AssertionError("attempt 2 never started")
+        return real_heartbeat(job, consumer, **progress)
+
+    queue.heartbeat = heartbeat
+    errors = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    job_id = queue.submit("acme", "ada", job_spec(model_fingerprint(model), steps=20))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: queue.get("acme", job_id).attempts == 2, 60, "the worker to take its own job over")
+        starved.set()  # attempt 1 reports again, finds its lease lost, and stops
+        job = wait_for(lambda: (j := queue.get("acme", job_id)).status.finished and j, 60, "the job to finish")
+    finally:
+        starved.set()
+        worker.stop_requested.set()
+        thread.join(60)
+        threading.excepthook = hook
+    try:
+        assert errors == []
+        assert (job.status, job.attempts, job.step) == (JobStatus.SUCCEEDED, 2, 20)
+        assert store.get_record("acme", "user:ada").version == job.version  # the finishing attempt's
+    finally:
+        queue.close()
+        store.close()

@@ -128,7 +128,7 @@ def test_redis_killed_mid_load_is_restarted_and_loses_no_acknowledged_upload(wor
 
 
 def test_a_worker_killed_mid_job_under_load_loses_nothing(workdir):
-    serve = Serve(workdir, "--workers", "1", "--job-claim-timeout-s", "2").start()
+    serve = Serve(workdir, "--workers", "1", "--job-claim-timeout-s", "6").start()
     try:
         key = serve.create_tenant("acme")
         with serve.client(key) as c:
@@ -211,7 +211,7 @@ def test_sigterm_mid_load_finishes_admitted_requests_refuses_new_ones_then_exits
 
 
 def test_restarts_graceful_and_by_sigkill_lose_nothing_acknowledged(workdir):
-    args = ("--workers", "1", "--job-claim-timeout-s", "2", "--max-jobs-per-tenant", "4")
+    args = ("--workers", "1", "--job-claim-timeout-s", "6", "--max-jobs-per-tenant", "4")
     serve = Serve(workdir, *args).start()
     try:
         keys = {t: serve.create_tenant(t) for t in ("ta", "tb")}
