@@ -19,7 +19,7 @@ cache does not matter, only that it is masked.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -98,11 +98,9 @@ class PrefixClassifier:
         self.multi_label = getattr(cfg, "problem_type", None) == "multi_label_classification"
         self.max_batch_tokens = max_batch_tokens
         # A config built in code names no architecture, so the kind is set, not read.
-        spec = ModelSpec.from_hf(model, self.max_positions)
-        self.spec = ModelSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.fingerprint,
-                              spec.max_model_len, ModelKind.SEQ_CLS)
-        names = getattr(cfg, "id2label", None) or {}
-        base_labels = tuple(str(names[i]) for i in range(len(names))) if sorted(names) == list(range(len(names))) else None
+        self.spec = replace(ModelSpec.from_hf(model, self.max_positions), kind=ModelKind.SEQ_CLS)
+        names = {int(k): str(v) for k, v in (getattr(cfg, "id2label", None) or {}).items()}
+        base_labels = tuple(names[i] for i in range(len(names))) if sorted(names) == list(range(len(names))) else None
         self.base_head = ClassifierHead(model.classifier.weight, model.classifier.bias,
                                         base_labels if base_labels and len(base_labels) == cfg.num_labels else None)
         params = inspect.signature(model.bert.forward).parameters

@@ -145,6 +145,27 @@ def test_mixed_batch_matches_each_row_alone(setup):
         assert (alone.logits - got[r].logits).abs().max() < TOL
 
 
+def test_eager_attention_gives_the_same_logits(setup):
+    """The mask hides the padding with either attention kernel (sdpa is the default)."""
+    base, clf, adapters = setup
+    eager = copy.deepcopy(base)
+    eager.set_attn_implementation("eager")
+    eager_clf = PrefixClassifier(eager)
+    batch = [ClassifyInput.of_adapter(_ids(400 + r, 2 + 3 * r), adapter) for r, (_, _, adapter) in enumerate(adapters)]
+    batch.append(ClassifyInput(_ids(410, 4)))
+    for g, e in zip(clf.classify(batch), eager_clf.classify(batch)):
+        assert (g.logits - e.logits).abs().max() < TOL
+
+
+def test_batch_token_limit(setup):
+    base, _, adapters = setup
+    small = PrefixClassifier(copy.deepcopy(base), max_batch_tokens=40)
+    rows = [ClassifyInput.of_adapter(_ids(1, 3), adapters[2][2]), ClassifyInput(_ids(2, 5))]
+    with pytest.raises(ClassifyError, match=r"pads to 2 rows \* \(prefix 20 \+ input 5\) = 50 tokens; the limit is 40"):
+        small.classify(rows)
+    assert len(small.classify(rows[1:])) == 1
+
+
 def test_no_prefix_rows_only_is_the_base_model(setup):
     base, clf, _ = setup
     rows = [_ids(300, 5), _ids(301, 9)]
@@ -211,7 +232,8 @@ def test_seq_cls_adapter_refused_by_a_causal_lm():
 def test_wrong_width_is_refused(setup, tmp_path):
     _, clf, adapters = setup
     folder = _copy_with_config(adapters[0][0], tmp_path / "a", token_dim=64)
-    with pytest.raises(ModelMismatchError, match=r"token_dim is 64; this model needs num_kv_heads\(4\) \* head_dim\(8\) = 32"):
+    needs = r"token_dim is 64; this model needs num_kv_heads\(4\) \* head_dim\(8\) = 32"
+    with pytest.raises(ModelMismatchError, match=needs):
         read_seq_cls_adapter(folder, clf.spec)
     # an adapter made for a wider BERT (hidden 64, 4 heads): its prefix rows are too wide
     from peft import PrefixTuningConfig, get_peft_model
