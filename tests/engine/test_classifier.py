@@ -312,3 +312,19 @@ def test_bad_prefix_is_refused(setup):
     _, clf, _ = setup
     with pytest.raises(PrefixError, match="row 1's prefix has 3 kv heads, model has 4"):
         clf.classify([ClassifyInput([1]), ClassifyInput([1], torch.zeros(2, 2, 3, 4, 8))])
+
+
+def test_checked_prefix_objects_are_served_and_foreign_ones_refused(setup):
+    from dataclasses import replace
+
+    from server.prefix import Prefix
+
+    _, clf, adapters = setup
+    adapter = adapters[0][2]
+    ids = _ids(5, 7)
+    [as_prefix] = clf.classify([ClassifyInput(ids, Prefix.make(adapter.kv, clf.spec))])
+    [as_tensor] = clf.classify([ClassifyInput(ids, adapter.kv)])
+    assert torch.equal(as_prefix.logits, as_tensor.logits)
+    foreign = Prefix.make(adapter.kv, replace(clf.spec, fingerprint="0123456789abcdef"))
+    with pytest.raises(PrefixError, match="row 0's prefix was checked against another model"):
+        clf.classify([ClassifyInput(ids, foreign)])
