@@ -4,7 +4,7 @@ api import it; it imports none of them (enforced by import-linter, see pyproject
 
     model_spec.py   ModelKind, ModelSpec (what a prefix must match), model_fingerprint
     prefix.py       PrefixRef, Prefix (checked once, when made), validate_kv, compose
-    peft_format.py  PEFT adapter folders and safetensors files, read and written
+    peft_format.py  PEFT adapter folders and safetensors files, read and written (also SEQ_CLS)
     ids.py          the naming rules of tenants, prefixes, versions and users
 """
 

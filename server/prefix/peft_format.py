@@ -11,17 +11,22 @@ An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. A
 (`adapter_model.bin`) is never read. PEFT writes the final prefix even when it was trained
 with the MLP reparameterization, so there is never an MLP to run. For GQA models PEFT sizes
 the prefix with the kv heads: token_dim = num_kv_heads * head_dim.
+
+A SEQ_CLS adapter (BERT) also holds the classifier head PEFT trains as modules_to_save:
+`base_model.classifier.weight` [num_labels, hidden] and `base_model.classifier.bias`;
+`read_seq_cls_adapter` returns both with the prefix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from server.prefix.model_spec import ModelSpec
+from server.prefix.model_spec import ModelKind, ModelSpec
 from server.prefix.prefix import PrefixError, validate_kv
 
 PEFT_VERSION = "0.21.2"  # the layout written, checked against this version
@@ -77,16 +82,26 @@ def kv_from_tensors(tensors: dict[str, torch.Tensor], spec: ModelSpec, num_virtu
 
 # ---- adapter_config.json
 
-def check_adapter_config(config: dict, spec: ModelSpec) -> None:
+def check_adapter_config(config: dict, spec: ModelSpec, kind: ModelKind | None = None) -> None:
     """Raise PrefixError (ModelMismatchError for another model) unless `config` is a PEFT
-    PREFIX_TUNING config for a causal LM that this model can serve."""
+    PREFIX_TUNING config that this model can serve. `kind` (default: the spec's) picks the
+    task_type that fits: CAUSAL_LM (or none) for a causal LM, SEQ_CLS for a classifier."""
+    kind = ModelKind(kind or spec.kind)
     if config.get("peft_type") != "PREFIX_TUNING":
         raise PrefixError(f"adapter peft_type is {str(config.get('peft_type'))[:40]!r}; expected 'PREFIX_TUNING'")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise PrefixError(f"adapter task_type is {str(config['task_type'])[:40]!r}; expected 'CAUSAL_LM'")
-    if config.get("num_transformer_submodules", 1) != 1:
+    task_type = config.get("task_type")
+    if kind is ModelKind.CAUSAL_LM:
+        if task_type not in (None, "CAUSAL_LM"):
+            raise PrefixError(f"adapter task_type is {str(task_type)[:40]!r}; expected 'CAUSAL_LM' "
+                              f"for this {kind.value} model")
+    elif task_type != kind.peft_task_type:
+        raise PrefixError(f"adapter task_type is {str(task_type)[:40]!r}; this {kind.value} model needs "
+                          f"{kind.peft_task_type!r}")
+    submodules = 2 if kind is ModelKind.SEQ2SEQ_LM else 1
+    if config.get("num_transformer_submodules", submodules) != submodules:
+        what = "decoder-only models" if kind is ModelKind.CAUSAL_LM else f"{kind.value} models"
         raise PrefixError("adapter has num_transformer_submodules "
-                          f"{config.get('num_transformer_submodules')}; decoder-only models need 1")
+                          f"{config.get('num_transformer_submodules')}; {what} need {submodules}")
     if config.get("num_layers") not in (None, spec.num_layers):
         raise ModelMismatchError(f"adapter has num_layers {config['num_layers']}, model has {spec.num_layers}")
     token_dim = config.get("token_dim")
@@ -125,11 +140,11 @@ def adapter_config(spec: ModelSpec, num_virtual_tokens: int, mid_dim: int,
 
 # ---- files on disk
 
-def read_adapter(folder: str | Path, spec: ModelSpec) -> torch.Tensor:
-    """kv from a PEFT PREFIX_TUNING adapter folder (safetensors only)."""
+def _read_folder(folder: Path, spec: ModelSpec, kind: ModelKind | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, tensors) of a PEFT PREFIX_TUNING adapter folder (safetensors only),
+    the config checked and `prompt_embeddings` present."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
     if not (folder / CONFIG_FILE).exists():
         raise PrefixError(f"{folder} has no {CONFIG_FILE}")
     weights = folder / WEIGHTS_FILE
@@ -138,11 +153,91 @@ def read_adapter(folder: str | Path, spec: ModelSpec) -> torch.Tensor:
                 if (folder / PICKLED_WEIGHTS_FILE).exists() else "")
         raise PrefixError(f"{folder} has no {WEIGHTS_FILE}{hint}")
     config = json.loads((folder / CONFIG_FILE).read_text())
-    check_adapter_config(config, spec)
+    check_adapter_config(config, spec, kind)
     tensors = load_file(weights)
     if "prompt_embeddings" not in tensors:
         raise PrefixError(f"{WEIGHTS_FILE} has no 'prompt_embeddings' tensor (has {sorted(tensors)})")
+    return config, tensors
+
+
+def read_adapter(folder: str | Path, spec: ModelSpec) -> torch.Tensor:
+    """kv from a PEFT PREFIX_TUNING adapter folder (safetensors only)."""
+    config, tensors = _read_folder(Path(folder), spec)
     return kv_from_prompt_embeddings(tensors["prompt_embeddings"], spec, config.get("num_virtual_tokens"))
+
+
+# ---- SEQ_CLS adapters: a prefix and the classifier head (PEFT's modules_to_save)
+
+HEAD_WEIGHT = "base_model.classifier.weight"  # what PEFT 0.21.2 writes for BERT's `classifier`
+HEAD_BIAS = "base_model.classifier.bias"
+LABELS_FILE = "config.json"  # a base model config saved beside the adapter, read for id2label only
+
+
+@dataclass(frozen=True, eq=False)
+class SeqClsAdapter:
+    """A PEFT SEQ_CLS prefix adapter: the prefix and, when it was saved, its classifier head."""
+
+    kv: torch.Tensor  # [L, 2, Hkv, P, hd]
+    head_weight: torch.Tensor | None  # [num_labels, hidden]; None: use the base model's head
+    head_bias: torch.Tensor | None  # [num_labels]
+    labels: tuple[str, ...] | None  # label names by index, from id2label when the folder has them
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.kv.shape[3])
+
+
+def read_seq_cls_adapter(folder: str | Path, spec: ModelSpec, hidden_size: int | None = None) -> SeqClsAdapter:
+    """A PEFT SEQ_CLS PREFIX_TUNING adapter folder (safetensors only): the prefix, the
+    classifier head PEFT saved as modules_to_save (weight [num_labels, hidden] and bias), and
+    label names from a `config.json` beside it that has id2label. `hidden_size` (default
+    num_kv_heads * head_dim) is the width the head must read."""
+    folder = Path(folder)
+    config, tensors = _read_folder(folder, spec, ModelKind.SEQ_CLS)
+    kv = kv_from_prompt_embeddings(tensors["prompt_embeddings"], spec, config.get("num_virtual_tokens"))
+    unknown = sorted(set(tensors) - {"prompt_embeddings", HEAD_WEIGHT, HEAD_BIAS})
+    if unknown:
+        raise PrefixError(f"{WEIGHTS_FILE} has tensors prefix-serve cannot serve: {unknown[:10]}; a BERT SEQ_CLS "
+                          f"adapter holds 'prompt_embeddings', {HEAD_WEIGHT!r} and {HEAD_BIAS!r}")
+    weight, bias = tensors.get(HEAD_WEIGHT), tensors.get(HEAD_BIAS)
+    if (weight is None) != (bias is None):
+        raise PrefixError(f"{WEIGHTS_FILE} has {HEAD_WEIGHT if weight is not None else HEAD_BIAS!r} "
+                          f"but not {HEAD_BIAS if weight is not None else HEAD_WEIGHT!r}")
+    if weight is not None:
+        check_head(weight, bias, hidden_size or spec.peft_token_dim())
+    return SeqClsAdapter(kv=kv, head_weight=weight, head_bias=bias,
+                         labels=_read_labels(folder, None if weight is None else int(weight.shape[0])))
+
+
+def check_head(weight: torch.Tensor, bias: torch.Tensor, hidden_size: int) -> None:
+    """Raise ModelMismatchError unless weight is [num_labels, hidden_size] and bias [num_labels]."""
+    if weight.dim() != 2 or weight.shape[1] != hidden_size:
+        raise ModelMismatchError(f"classifier weight has shape {tuple(weight.shape)}; this model needs "
+                                 f"[num_labels, hidden_size={hidden_size}]: it was made for another base model")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ModelMismatchError(f"classifier bias has shape {tuple(bias.shape)}; the weight has "
+                                 f"{weight.shape[0]} labels")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise PrefixError("the classifier head has non-finite values (NaN or inf)")
+
+
+def _read_labels(folder: Path, num_labels: int | None) -> tuple[str, ...] | None:
+    path = folder / LABELS_FILE
+    if not path.exists():
+        return None
+    id2label = json.loads(path.read_text()).get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise PrefixError(f"{LABELS_FILE} id2label keys must be integers, got {sorted(id2label)[:5]}") from None
+    n = len(by_index)
+    if sorted(by_index) != list(range(n)):
+        raise PrefixError(f"{LABELS_FILE} id2label has indices {sorted(by_index)[:10]}; expected 0..{n - 1}")
+    if num_labels is not None and n != num_labels:
+        raise PrefixError(f"{LABELS_FILE} id2label names {n} labels; the classifier head has {num_labels}")
+    return tuple(by_index[i] for i in range(n))
 
 
 def read_prefix_path(path: str | Path, spec: ModelSpec, num_virtual_tokens: int | None = None) -> torch.Tensor:
