@@ -65,8 +65,8 @@ def main() -> None:
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0), p)
     while engine.has_unfinished():
         engine.step()
-    resident = list(engine.kv.prefixes._entries.values())
-    assert len(resident) == args.prefixes, f"{len(resident)} of {args.prefixes} prefixes stayed resident"
+    resident = [engine.kv.prefixes.get(p.key) for p in prefixes]
+    assert all(resident), f"{sum(map(bool, resident))} of {args.prefixes} prefixes stayed resident"
     cache = engine.runner.kv_cache
     block_bytes = cache.numel() // cache.shape[2] * cache.element_size()
     device_bytes = sum(len(e.blocks) for e in resident) * block_bytes / args.prefixes
