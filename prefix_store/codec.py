@@ -1,16 +1,26 @@
-"""kv tensor <-> safetensors bytes, and the content hash that is a prefix's version."""
+"""kv tensor (and a classification prefix's head) <-> safetensors bytes, and the content
+hash that is a prefix's version.
+
+A stored file holds `prefix_kv` and, for a SEQ_CLS prefix trained with its own classifier
+head, `head_weight` and `head_bias` with the label names in the file's metadata: one file,
+one hash, so a version names exactly one prefix and one head."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server.prefix import FLOAT_DTYPES, PrefixError
+from server.prefix import FLOAT_DTYPES, ClassifierHead, PrefixError
 
 TENSOR_NAME = "prefix_kv"
+HEAD_WEIGHT = "head_weight"
+HEAD_BIAS = "head_bias"
+LABELS_KEY = "labels"  # metadata: a JSON list of label names
 
 
 def content_version(data: bytes) -> str:
@@ -31,19 +41,43 @@ def check_layout(kv: torch.Tensor) -> None:
         raise PrefixError(f"prefix kv has shape {tuple(kv.shape)} with no elements")
 
 
-def encode(kv: torch.Tensor) -> tuple[bytes, str]:
-    """Serialize kv [L, 2, Hkv, P, hd]; returns (bytes, version). Same tensor, same bytes."""
+def encode(kv: torch.Tensor, head: ClassifierHead | None = None) -> tuple[bytes, str]:
+    """Serialize kv [L, 2, Hkv, P, hd] (and a head); returns (bytes, version). Same tensors, same bytes."""
     check_layout(kv)
-    data = st_save({TENSOR_NAME: kv.detach().to("cpu").contiguous()})
+    tensors = {TENSOR_NAME: kv.detach().to("cpu").contiguous()}
+    metadata = None
+    if head is not None:
+        tensors[HEAD_WEIGHT] = head.weight.detach().to("cpu", torch.float32).contiguous()
+        tensors[HEAD_BIAS] = head.bias.detach().to("cpu", torch.float32).contiguous()
+        if head.labels is not None:
+            metadata = {LABELS_KEY: json.dumps(list(head.labels))}
+    data = st_save(tensors, metadata=metadata)
     return data, content_version(data)
 
 
 def decode(data: bytes, version: str) -> torch.Tensor:
-    """Deserialize, refusing bytes whose hash is not `version` (never serve the wrong tensor)."""
+    """Deserialize the kv, refusing bytes whose hash is not `version` (never serve the wrong tensor)."""
+    return decode_parts(data, version)[0]
+
+
+def decode_parts(data: bytes, version: str) -> tuple[torch.Tensor, ClassifierHead | None]:
+    """(kv, head or None), refusing bytes whose hash is not `version`."""
     actual = content_version(data)
     if actual != version:
         raise ValueError(f"tensor bytes hash to version {actual}, expected {version}")
     tensors = st_load(data)
-    if set(tensors) != {TENSOR_NAME}:
-        raise ValueError(f"stored tensor file holds {sorted(tensors)}, expected ['{TENSOR_NAME}']")
-    return tensors[TENSOR_NAME]
+    if set(tensors) not in ({TENSOR_NAME}, {TENSOR_NAME, HEAD_WEIGHT, HEAD_BIAS}):
+        raise ValueError(f"stored tensor file holds {sorted(tensors)}, expected ['{TENSOR_NAME}'] "
+                         f"(and '{HEAD_WEIGHT}', '{HEAD_BIAS}' for a classification prefix)")
+    if HEAD_WEIGHT not in tensors:
+        return tensors[TENSOR_NAME], None
+    labels = _metadata(data).get(LABELS_KEY)
+    head = ClassifierHead(tensors[HEAD_WEIGHT], tensors[HEAD_BIAS],
+                          None if labels is None else tuple(str(x) for x in json.loads(labels)))
+    return tensors[TENSOR_NAME], head
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The __metadata__ of a safetensors file (its JSON header follows an 8-byte length)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}

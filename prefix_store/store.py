@@ -33,7 +33,7 @@ from prefix_store.errors import (NotReplicatedError, StoreIntegrityError, StoreU
                                  TenantExistsError)
 from prefix_store.keys import Keys
 from prefix_store.tenant_limits import StorageUsage, TenantLimits
-from server.prefix import PrefixRef
+from server.prefix import ClassifierHead, PrefixRef
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord, TenantEvent
 from prefix_store.subscription import Subscription
@@ -74,8 +74,10 @@ class PrefixStore:
     def put(self, tenant: str, prefix_id: str, kv: torch.Tensor, *, model_fingerprint: str,
             description: str = "", incarnation: str | None = None, shared: bool = False,
             kind: str = "tuned", limits: TenantLimits | None = None,
-            trained_after: tuple[PrefixRef, ...] | None = None) -> tuple[PrefixRecord, bool]:
-        """Store kv [L, 2, Hkv, P, hd] as the new version of `prefix_id`; (record, created).
+            trained_after: tuple[PrefixRef, ...] | None = None,
+            head: ClassifierHead | None = None) -> tuple[PrefixRecord, bool]:
+        """Store kv [L, 2, Hkv, P, hd] (with a classification prefix's `head`, in the same
+        tensor file) as the new version of `prefix_id`; (record, created).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
         `incarnation` (tenant_incarnation() read when the work started), when the tenant
@@ -93,12 +95,14 @@ class PrefixStore:
         if len(description) > MAX_DESCRIPTION_CHARS:
             raise ValueError(f"description has {len(description)} characters; the limit is "
                              f"{MAX_DESCRIPTION_CHARS}")
-        data, version = codec.encode(kv)
+        head = None if head is None else head.on_host()  # stored (and counted) in float32
+        data, version = codec.encode(kv, head)
         layers, _, heads, plen, head_dim = kv.shape
         record = PrefixRecord(
             tenant=tenant, prefix_id=prefix_id, version=version, num_virtual_tokens=int(plen),
             num_layers=int(layers), num_kv_heads=int(heads), head_dim=int(head_dim),
-            dtype=str(kv.dtype).removeprefix("torch."), bytes=kv.numel() * kv.element_size(),
+            dtype=str(kv.dtype).removeprefix("torch."),
+            bytes=kv.numel() * kv.element_size() + (0 if head is None else head.nbytes),
             created_at=time.time(), description=description, model_fingerprint=model_fingerprint,
             shared=bool(shared), kind=kind,
             trained_after=None if trained_after is None else tuple(trained_after))
@@ -153,15 +157,17 @@ class PrefixStore:
             f"prefix {prefix_id!r} of tenant {tenant!r}: metadata names version {record.version} "
             "but its tensor is missing (was it evicted? run Redis with maxmemory-policy noeviction)")
 
-    def get_version(self, tenant: str, prefix_id: str, version: str) -> torch.Tensor | None:
-        """The tensor of exactly this version (also shortly after it was replaced), or None."""
+    def get_version(self, tenant: str, prefix_id: str, version: str, with_head: bool = False):
+        """The tensor of exactly this version (also shortly after it was replaced), or None;
+        with_head: (kv, its classifier head or None), or None."""
         key = self.keys.tensor(tenant, prefix_id, validate_version(version))
         with self._guard():
             data = self._r.get(key)
         if data is None:
             return None
         try:
-            return codec.decode(data, version)
+            kv, head = codec.decode_parts(data, version)
+            return (kv, head) if with_head else kv
         except ValueError as e:
             raise StoreIntegrityError(f"prefix {prefix_id!r} of tenant {tenant!r}: {e}") from e
 

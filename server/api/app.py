@@ -18,7 +18,7 @@ from prefix_store import PrefixStore
 from prefix_store.audit import AuditLog
 from prefix_store.job_queue import JobQueue
 from prefix_store.rate_limits import RateLimiter
-from server.api import (routes_admin, routes_generate, routes_openai, routes_ops, routes_personalize,
+from server.api import (routes_admin, routes_classify, routes_generate, routes_openai, routes_ops, routes_personalize,
                         routes_prefixes, routes_tenant, routes_tokenize)
 from server.api.admission import Admission
 from server.api.audit import AuditMiddleware
@@ -28,6 +28,7 @@ from server.api.context import ServerContext
 from server.api.drain import DrainMiddleware
 from server.api.errors import install_error_handlers
 from server.config import Settings
+from server.prefix import ModelKind
 from server.engine.async_engine import AsyncEngine
 from server.api.metrics_middleware import MetricsMiddleware
 from server.api.host_prefixes import HostPrefixes
@@ -45,7 +46,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     resolver = PrefixResolver(store, engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
                               spec.fingerprint, admin_tenant=settings.admin_tenant,
                               shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix,
-                              max_concurrent_loads=settings.prefix_load_concurrency)
+                              max_concurrent_loads=settings.prefix_load_concurrency,
+                              with_heads=spec.kind is ModelKind.SEQ_CLS)
     auth = Authenticator(store, settings.admin_key.get_secret_value(), settings.admin_tenant)
     ctx = ServerContext(settings=settings, engine=engine, store=store, resolver=resolver, auth=auth,
                         model_name=model_name)
@@ -92,7 +94,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
                   description="Multi-tenant serving of prefix-tuned language models.", **docs)
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (routes_generate, routes_openai, routes_tokenize, routes_prefixes, routes_personalize, routes_tenant,
+    for module in (routes_generate, routes_classify, routes_openai, routes_tokenize, routes_prefixes, routes_personalize, routes_tenant,
                    routes_admin, routes_ops):
         app.include_router(module.router)
     app.add_middleware(AuditMiddleware, audit=ctx.audit, admin_tenant=settings.admin_tenant)  # innermost

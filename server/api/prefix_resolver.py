@@ -85,8 +85,10 @@ class PrefixResolver:
                  cache: HostPrefixes, model_fingerprint: str, *, admin_tenant: str = "admin",
                  shared_prefixes: bool = True,
                  on_stale: Callable[[str, str, str | None], None] | None = None,
-                 max_concurrent_loads: int = 4) -> None:
+                 max_concurrent_loads: int = 4, with_heads: bool = False) -> None:
         self.store = store
+        # a seq_cls model: prefixes may carry their own classifier head (make_prefix takes it)
+        self.with_heads = with_heads
         self.make_prefix = make_prefix  # engine.make_prefix: checks once and casts to the engine dtype
         self.cache = cache
         self.model_fingerprint = model_fingerprint
@@ -172,14 +174,16 @@ class PrefixResolver:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            kv = await loop.run_in_executor(self._load_threads, self.store.get_version, ref.tenant, ref.prefix_id,
-                                            ref.version)
+            got = await loop.run_in_executor(self._load_threads, self.store.get_version, ref.tenant, ref.prefix_id,
+                                             ref.version, *((True,) if self.with_heads else ()))
         except StoreUnavailableError as e:
             raise PrefixUnavailable(f"prefix {shorten(name)} could not be loaded: the prefix store is "
                                     "unreachable; retry shortly") from e
-        if kv is None:  # replaced or deleted between the two reads, and its grace period is over
+        if got is None:  # replaced or deleted between the two reads, and its grace period is over
             raise PrefixNotFound(f"prefix {shorten(name)} not found (it was just replaced or deleted; retry)")
-        prefix = await loop.run_in_executor(self._load_threads, self.make_prefix, kv, (ref,))
+        kv, head = got if self.with_heads else (got, None)
+        prefix = await loop.run_in_executor(self._load_threads, self.make_prefix, kv, (ref,),
+                                            *((head,) if self.with_heads else ()))
         self.cache.put(prefix)
         if self.on_load is not None:
             self.on_load(time.perf_counter() - start)

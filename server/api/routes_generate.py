@@ -10,11 +10,13 @@ from fastapi import APIRouter, Depends, Request
 from server.api.auth import Caller, require_caller
 from server.api.context import get_ctx
 from server.api.generation import GenerationJob, complete, finish_reason_name, open_stream, prefix_names, prepare
+from server.api.model_kind import require_kind
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.api.sse import sse_response
 from server.engine.outputs import RequestOutput
+from server.prefix import ModelKind
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], dependencies=[require_kind(ModelKind.CAUSAL_LM)])
 
 
 _RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}}

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
 from server.api.errors import ApiError
+from server.api.model_kind import require_kind
 from server.api.generation import (
     Completion, GenerationJob, Sample, complete, finish_reason_name, open_stream, prefix_names, prepare)
 from server.api.openai_logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, merge_blocks
@@ -32,7 +33,7 @@ from server.api.prefix_resolver import PrefixNotFound
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIFields
 from server.api.sse import sse_response
 from server.engine.outputs import RequestOutput
-from server.prefix import USER_PREFIX, InvalidIdError
+from server.prefix import USER_PREFIX, InvalidIdError, ModelKind
 
 router = APIRouter(tags=["openai"])
 
@@ -79,7 +80,7 @@ def _best(samples: list[Sample], n: int) -> list[Sample]:
 
 # --- /v1/completions
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[require_kind(ModelKind.CAUSAL_LM)])
 async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
     prompts = body.prompts()
@@ -161,7 +162,7 @@ async def _completion_chunks(head: dict, body: CompletionRequest, jobs: list[Gen
 
 # --- /v1/chat/completions
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[require_kind(ModelKind.CAUSAL_LM)])
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
     _check_choices(ctx, 1, body.n)
@@ -219,7 +220,8 @@ async def models(request: Request, caller: Caller = Depends(require_caller)) -> 
     ctx = get_ctx(request)
     records = await asyncio.to_thread(ctx.store.list, caller.tenant)
     cards = [ModelCard(id=ctx.model_name, created=int(ctx.started_at), owned_by="prefix-serve",
-                       max_model_len=ctx.spec.max_model_len)]
+                       max_model_len=ctx.spec.max_model_len, kind=ctx.spec.kind.value)]
     cards += [ModelCard(id=r.prefix_id, created=int(r.created_at), owned_by=caller.tenant,
-                        prefix_length=r.num_virtual_tokens, version=r.version) for r in records]
+                        prefix_length=r.num_virtual_tokens, version=r.version, kind=ctx.spec.kind.value)
+              for r in records]
     return ModelList(data=cards)

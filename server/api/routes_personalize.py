@@ -27,8 +27,9 @@ from prefix_store.job import Job, JobStatus
 from server.api.auth import Caller, require_caller
 from server.api.context import ServerContext, get_ctx
 from server.api.errors import ApiError
+from server.api.model_kind import require_kind
 from server.api.prefix_resolver import PrefixNotFound
-from server.prefix import InvalidIdError, shorten, user_prefix_id
+from server.prefix import InvalidIdError, ModelKind, shorten, user_prefix_id
 from server.training.data import Example, tokenize
 from server.training import recipe
 from server.training.job_spec import BasePrefix, JobSpec
@@ -115,7 +116,8 @@ def job_info(job: Job) -> JobInfo:
                    started_at=job.started_at, finished_at=job.finished_at)
 
 
-@router.post("/v1/users/{user_id}/personalize", status_code=202, response_model=JobAccepted)
+@router.post("/v1/users/{user_id}/personalize", status_code=202, response_model=JobAccepted,
+             dependencies=[require_kind(ModelKind.CAUSAL_LM)])
 async def personalize(user_id: str, body: PersonalizeRequest, request: Request, response: Response,
                       caller: Caller = Depends(require_caller)) -> JobAccepted:
     ctx: ServerContext = get_ctx(request)

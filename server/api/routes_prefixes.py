@@ -21,8 +21,9 @@ from server.api.errors import ApiError, describe_validation_errors
 from server.api.generation import encode
 from server.api.routes_admin import storage_info
 from server.api.schemas import PrefixInfo, PrefixList, PromptPrefixRequest
+from server.api.model_kind import check_kind
 from server.api.upload import UploadError, parse_prefix_upload
-from server.prefix import shorten, validate_prefix_id
+from server.prefix import ModelKind, shorten, validate_prefix_id
 
 router = APIRouter(tags=["prefixes"])
 
@@ -54,12 +55,13 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
     validate_prefix_id(prefix_id)
     if request.headers.get("content-type", "").startswith("application/json"):
         kv, description, shared, kind = await _prompt_prefix(ctx, request, caller)
+        head = None
     else:
-        kv, description, shared, kind = await _uploaded_prefix(ctx, request, caller)
+        kv, head, description, shared, kind = await _uploaded_prefix(ctx, request, caller)
     limits = await ctx.admission.limits_of(caller.tenant)  # its storage quota: 403 above it, nothing stored
     record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
                                               model_fingerprint=ctx.spec.fingerprint, description=description,
-                                              shared=shared, kind=kind, limits=limits)
+                                              shared=shared, kind=kind, limits=limits, head=head)
     response.status_code = 201 if created else 200
     return prefix_info(record)
 
@@ -75,16 +77,17 @@ async def _uploaded_prefix(ctx: ServerContext, request: Request, caller: Caller)
     data, filename, description, num_virtual_tokens, shared = await _read_form(request)
     _check_share(shared, caller)
     try:
-        kv = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
-                                     num_virtual_tokens=num_virtual_tokens,
-                                     max_prefix_bytes=ctx.settings.max_prefix_bytes)
+        parsed = await asyncio.to_thread(parse_prefix_upload, data, ctx.spec, filename=filename,
+                                         num_virtual_tokens=num_virtual_tokens,
+                                         max_prefix_bytes=ctx.settings.max_prefix_bytes)
     except UploadError as e:
         raise ApiError(e.status, str(e), e.kind) from e
-    return kv, description, shared, "tuned"
+    return parsed.kv, parsed.head, description, shared, "tuned"
 
 
 async def _prompt_prefix(ctx: ServerContext, request: Request, caller: Caller):
     """A prefix computed from a text by the model: its keys and values, as the cache holds them."""
+    check_kind(request, "a prompt prefix (PUT /v1/prefixes/{id} with JSON)", ModelKind.CAUSAL_LM)
     try:
         body = PromptPrefixRequest.model_validate_json(await request.body())
     except ValidationError as e:

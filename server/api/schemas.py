@@ -200,6 +200,7 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     prefix_length: int | None = None
     version: str | None = None
+    kind: str | None = None  # the base model's kind (causal_lm, seq2seq_lm, seq_cls): which routes fit it
 
 
 class TokenizeRequest(BaseModel):
@@ -239,6 +240,47 @@ class DetokenizeResponse(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- /v1/classify
+
+MAX_CLASSIFY_INPUTS = 256
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefix_id: str | None = Field(None, description="a SEQ_CLS prefix (with its own head), or null for the base model")
+    input: str | list[str] = Field(..., description="one text, or a list of texts (classified in one batch)")
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not texts:
+            raise ValueError("input is an empty list: give at least one text")
+        if len(texts) > MAX_CLASSIFY_INPUTS:
+            raise ValueError(f"input has {len(texts)} texts; at most {MAX_CLASSIFY_INPUTS} per request")
+        return texts
+
+
+class ClassifyResult(BaseModel):
+    index: int
+    label: str | int  # the most probable label: its name, or its index when the head names none
+    probs: dict[str, float]  # label (name or index) -> probability
+    logits: list[float]
+
+
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: Literal["classification"] = "classification"
+    model: str
+    data: list[ClassifyResult]
+    usage: ClassifyUsage
+    prefix: list[PrefixUsed] = []
 
 
 # --- prefixes and tenants

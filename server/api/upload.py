@@ -21,10 +21,13 @@ import stat
 import struct
 import zipfile
 
+from dataclasses import dataclass
+
 import torch
 
-from server.prefix import ModelMismatchError, ModelSpec, PrefixError, shorten, validate_kv
-from server.prefix.peft_format import CONFIG_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE, check_adapter_config, kv_from_tensors
+from server.prefix import ClassifierHead, ModelKind, ModelMismatchError, ModelSpec, PrefixError, shorten, validate_kv
+from server.prefix.peft_format import (CONFIG_FILE, LABELS_FILE, PICKLED_WEIGHTS_FILE, WEIGHTS_FILE,
+                                       check_adapter_config, kv_from_tensors, labels_of_config, seq_cls_head)
 
 MAX_HEADER_BYTES = 1 << 20  # a prefix file holds a few tensors; its header is a few hundred bytes
 MAX_ZIP_ENTRIES = 64
@@ -45,16 +48,23 @@ class UploadError(ValueError):
         self.kind = kind
 
 
+@dataclass(frozen=True, eq=False)
+class ParsedUpload:
+    kv: torch.Tensor  # [L, 2, Hkv, P, hd], checked, its dtype as uploaded
+    head: ClassifierHead | None = None  # a SEQ_CLS adapter's own classifier head
+
+
 def parse_prefix_upload(data: bytes, spec: ModelSpec, *, filename: str | None = None,
-                        num_virtual_tokens: int | None = None, max_prefix_bytes: int) -> torch.Tensor:
-    """The checked kv [L, 2, Hkv, P, hd] (its dtype as uploaded) of an uploaded file, or UploadError."""
+                        num_virtual_tokens: int | None = None, max_prefix_bytes: int) -> ParsedUpload:
+    """The checked prefix of an uploaded file (and, for a SEQ_CLS adapter zip, its head), or UploadError."""
     name = (filename or "").lower()
     if name.endswith(_PICKLE_SUFFIXES) or _looks_like_pickle(data):
         raise UploadError(f"{shorten(filename or 'the file')} is a pickle (PyTorch .bin/.pt) file; pickles can run "
                           "code and are refused: save the adapter with safetensors "
                           "(save_pretrained(..., safe_serialization=True))", 415, "unsupported_format")
+    head = None
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
-        kv = _parse_adapter_zip(data, spec, max_prefix_bytes)
+        kv, head = _parse_adapter_zip(data, spec, max_prefix_bytes)
     else:
         tensors, metadata = read_safetensors(data, max_prefix_bytes, what=shorten(filename or "the file"))
         kv = _as_upload_error(kv_from_tensors, tensors, spec, num_virtual_tokens, metadata)
@@ -62,7 +72,7 @@ def parse_prefix_upload(data: bytes, spec: ModelSpec, *, filename: str | None = 
     if kv.numel() * kv.element_size() > max_prefix_bytes:
         raise UploadError(f"the prefix has {kv.numel() * kv.element_size()} bytes; the limit is "
                           f"{max_prefix_bytes}", 413, "payload_too_large")
-    return kv.contiguous()
+    return ParsedUpload(kv.contiguous(), head)
 
 
 def _as_upload_error(fn, *args, kind: str = "invalid_prefix"):
@@ -154,7 +164,8 @@ def _check_entry(name: str, entry: object, body: int, what: str) -> int:
 
 # --- zip of a PEFT adapter folder
 
-def _parse_adapter_zip(data: bytes, spec: ModelSpec, max_prefix_bytes: int) -> torch.Tensor:
+def _parse_adapter_zip(data: bytes, spec: ModelSpec, max_prefix_bytes: int
+                       ) -> tuple[torch.Tensor, ClassifierHead | None]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as e:
@@ -182,14 +193,26 @@ def _parse_adapter_zip(data: bytes, spec: ModelSpec, max_prefix_bytes: int) -> t
                               "invalid_adapter")
         config = _read_config(zf, files[configs[0]])
         blob = _read_member(zf, files[weights], max_prefix_bytes + MAX_HEADER_BYTES + 8)
+        labels_file = posixpath.join(folder, LABELS_FILE)
+        model_config = _read_config(zf, files[labels_file]) if labels_file in files else None
     _as_upload_error(check_adapter_config, config, spec, kind="invalid_adapter")
     tensors, metadata = read_safetensors(blob, max_prefix_bytes, what=WEIGHTS_FILE)
     if "prompt_embeddings" not in tensors:
         raise UploadError(f"{WEIGHTS_FILE} has no 'prompt_embeddings' tensor (it has "
                           f"{[shorten(n, 60) for n in sorted(tensors)[:10]]}): is this a PREFIX_TUNING adapter?",
                           422, "invalid_adapter")
-    return _as_upload_error(kv_from_tensors, {"prompt_embeddings": tensors["prompt_embeddings"]}, spec,
-                            config.get("num_virtual_tokens"), metadata)
+    kv = _as_upload_error(kv_from_tensors, {"prompt_embeddings": tensors["prompt_embeddings"]}, spec,
+                          config.get("num_virtual_tokens"), metadata)
+    if spec.kind is not ModelKind.SEQ_CLS:
+        return kv, None
+    # PEFT saves a SEQ_CLS adapter's trained head beside the prefix (modules_to_save), and
+    # the label names in a config.json beside it when the base model's config was saved too.
+    weight, bias = _as_upload_error(seq_cls_head, tensors, spec.peft_token_dim(), kind="invalid_adapter")
+    if weight is None:
+        return kv, None
+    labels = (None if model_config is None else
+              _as_upload_error(labels_of_config, model_config, int(weight.shape[0]), kind="invalid_adapter"))
+    return kv, ClassifierHead(weight, bias, labels)
 
 
 def _check_zip_entry(info: zipfile.ZipInfo, max_prefix_bytes: int) -> None:

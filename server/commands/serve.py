@@ -79,6 +79,14 @@ def _start_workers(settings: Settings, redis_url: str, owns_redis: bool):
     count = settings.workers if settings.workers is not None else (1 if owns_redis else 0)
     if count == 0:
         return None
+    if settings.model:
+        from server.engine.model_loader import model_kind
+        from server.prefix import ModelKind
+
+        kind = model_kind(settings.model)
+        if kind is not ModelKind.CAUSAL_LM:  # personalization trains causal-LM prefixes only
+            print(f"prefix-serve: a {kind.value} model: no personalization workers", flush=True)
+            return None
     from server.training.supervisor import WorkerSupervisor
 
     args = ["--device", settings.device, "--cache-dir", str(settings.cache_dir), "--namespace", settings.namespace,
@@ -139,7 +147,8 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     app = create_app(settings, async_engine, store, model_name=name)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"prefix-serve: model {name} ({settings.dtype}, {settings.device}), an engine process of its own",
+    print(f"prefix-serve: model {name} ({async_engine.spec.kind.value}, {settings.dtype}, {settings.device}), "
+          "an engine process of its own",
           flush=True)
     print(f"prefix-serve: serving on http://{host}:{settings.port}", flush=True)
     if generated_key:

@@ -28,12 +28,14 @@ import torch
 
 from server.engine.engine_core import (Abort, AddRequest, ComputeKV, Died, DropStale, EngineCore, PrefixPayload, Ready,
                                        StepBatch, Stop)
+from server.engine.classifier import Classification
+from server.engine.classifier_core import Classify
 from server.engine.engine_process import EngineProcessConfig, main as engine_process_main, receive, send
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, RequestOutput
 from server.engine.request import EngineLimits, check_request
 from server.engine.sampling_params import SamplingParams
-from server.prefix import Prefix, PrefixRef
+from server.prefix import ClassifierHead, Prefix, PrefixRef
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,7 @@ class AsyncEngine:
         self.dtype: torch.dtype | None = None
         self.device: str | None = None
         self._sinks: dict[str, asyncio.Queue] = {}
-        self._inflight: dict[str, tuple[AddRequest | ComputeKV, Prefix | None]] = {}  # to send again if the core asks
+        self._inflight: dict[str, tuple[AddRequest | ComputeKV | Classify, Prefix | None]] = {}  # to send again if the core asks
         self._core_has: set[tuple] = set()  # prefix keys whose tensor the core holds
         self._stats = EngineStats()
         # NOTE: requests sent that the stats do not count yet, by AddRequest.seq. A batch
@@ -268,9 +270,11 @@ class AsyncEngine:
             waiting[tenant] = waiting.get(tenant, 0) + 1
         return waiting
 
-    def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = ()) -> Prefix:
-        """Check kv [L, 2, Hkv, P, hd] against the engine's model (once); a host copy in its dtype."""
-        return Prefix.make(kv, self.limits.spec, refs, self.dtype)
+    def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = (), head: ClassifierHead | None = None
+                    ) -> Prefix:
+        """Check kv [L, 2, Hkv, P, hd] against the engine's model (once); a host copy in its dtype
+        (with a classification prefix's own head, for a seq_cls model)."""
+        return Prefix.make(kv, self.limits.spec, refs, self.dtype, head)
 
     # ---- requests
 
@@ -354,6 +358,30 @@ class AsyncEngine:
             raise item
         return item
 
+    async def classify(self, request_id: str, rows: list[list[int]], prefix: Prefix | None = None
+                       ) -> list[Classification]:
+        """Label probabilities of each row of token ids after `prefix`, from a seq_cls engine
+        (server/engine/classifier_core.py), batched there with every request that arrived meanwhile."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._error}")
+        if self.limits is None:
+            self.connect()
+        if request_id in self._sinks:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        sink: asyncio.Queue = asyncio.Queue()
+        self._sinks[request_id] = sink
+        cmd = Classify(request_id, [list(r) for r in rows], self._payload(prefix))
+        self._inflight[request_id] = (cmd, prefix)
+        self._channel.send(cmd)
+        try:
+            item = await sink.get()
+        finally:
+            self._sinks.pop(request_id, None)
+            self._inflight.pop(request_id, None)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def abort(self, request_id: str) -> None:
         if self._started:
             self._channel.send(Abort(request_id))
@@ -370,7 +398,7 @@ class AsyncEngine:
         if prefix.key in self._core_has and not force:
             return PrefixPayload(prefix.key, prefix.refs, None)
         self._core_has.add(prefix.key)
-        return PrefixPayload(prefix.key, prefix.refs, prefix.kv)
+        return PrefixPayload(prefix.key, prefix.refs, prefix.kv, prefix.head)
 
     # ---- on the event loop: what the core sent
 

@@ -26,25 +26,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from server.prefix import ModelKind, ModelSpec, Prefix, PrefixError, validate_kv
+from server.prefix import ClassifierHead, ModelKind, ModelSpec, Prefix, PrefixError, validate_kv
 from server.prefix.peft_format import SeqClsAdapter, check_head
 
 
 class ClassifyError(ValueError):
     """A classification request that cannot run; the message has the numbers."""
-
-
-@dataclass(frozen=True, eq=False)
-class ClassifierHead:
-    """A linear classifier head: logits = pooled @ weight.T + bias."""
-
-    weight: torch.Tensor  # [num_labels, hidden]
-    bias: torch.Tensor  # [num_labels]
-    labels: tuple[str, ...] | None = None  # names by index
-
-    @property
-    def num_labels(self) -> int:
-        return int(self.weight.shape[0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +139,8 @@ class PrefixClassifier:
         pooled = out.pooler_output.float()  # [B, hidden]; classifier dropout is off in eval
         results = []
         for i, row in enumerate(batch):
-            head = row.head or self.base_head
+            own = row.prefix.head if isinstance(row.prefix, Prefix) else None
+            head = row.head or own or self.base_head
             logits = F.linear(pooled[i], head.weight.to(dev, torch.float32), head.bias.to(dev, torch.float32)).cpu()
             probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
             labels = head.labels

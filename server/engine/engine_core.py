@@ -27,7 +27,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
 from server.engine.request import EngineLimits
 from server.engine.sampling_params import SamplingParams
-from server.prefix import Prefix, PrefixRef
+from server.prefix import ClassifierHead, Prefix, PrefixRef
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class PrefixPayload:
     key: tuple  # Prefix.key
     refs: tuple[PrefixRef, ...]
     kv: torch.Tensor | None  # None: the core has this key already
+    head: ClassifierHead | None = None  # a classification prefix's own head (seq_cls models)
 
 
 @dataclass

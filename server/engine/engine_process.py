@@ -45,16 +45,20 @@ def main(conn: Connection, config: EngineProcessConfig) -> None:
 
     from server.engine.engine_core import Died, EngineCore, Ready
     from server.engine.llm_engine import LLMEngine
-    from server.engine.model_loader import load_model
+    from server.engine.model_loader import load_model, model_kind
+    from server.prefix import ModelKind
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to serve, which stops us after draining
     try:
-        loaded = load_model(config.model, config.dtype, config.device,
-                            Path(config.cache_dir) if config.cache_dir else None)
-        engine = LLMEngine(loaded.model, loaded.tokenizer, config.engine)
-        send(conn, Ready(engine.limits, str(engine.dtype).removeprefix("torch."), str(engine.device)))
-        core = EngineCore(engine, config.host_prefix_bytes)
+        if config.model is not None and model_kind(config.model) is ModelKind.SEQ_CLS:
+            core = _classifier_core(conn, config)
+        else:
+            loaded = load_model(config.model, config.dtype, config.device,
+                                Path(config.cache_dir) if config.cache_dir else None)
+            engine = LLMEngine(loaded.model, loaded.tokenizer, config.engine)
+            send(conn, Ready(engine.limits, str(engine.dtype).removeprefix("torch."), str(engine.device)))
+            core = EngineCore(engine, config.host_prefix_bytes)
 
         def commands(timeout: float | None) -> list[object]:
             out: list[object] = []
@@ -74,3 +78,17 @@ def main(conn: Connection, config: EngineProcessConfig) -> None:
         except (OSError, EOFError):
             pass
         raise
+
+
+def _classifier_core(conn: Connection, config: EngineProcessConfig):
+    """A seq_cls model: the classifier loop instead of the decode loop (no KV pool)."""
+    from server.engine.classifier_core import ClassifierCore
+    from server.engine.engine_core import Ready
+    from server.engine.model_loader import load_classifier
+    from server.engine.request import EngineLimits
+
+    classifier = load_classifier(config.model, config.dtype, config.device)
+    limits = EngineLimits(spec=classifier.spec, vocab_size=classifier.vocab_size, num_blocks=0, block_size=1,
+                          has_tokenizer=True)
+    send(conn, Ready(limits, str(classifier.dtype).removeprefix("torch."), str(classifier.device)))
+    return ClassifierCore(classifier, config.host_prefix_bytes)

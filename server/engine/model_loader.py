@@ -130,6 +130,26 @@ def load_model(
     return LoadedModel(model=model, tokenizer=load_tokenizer(folder), name=name, path=str(folder))
 
 
+def model_kind(folder: str | Path) -> "ModelKind":
+    """The kind of model a HF folder holds (its config's architectures)."""
+    from transformers import AutoConfig
+
+    from server.prefix import ModelKind
+
+    return ModelKind.of_config(AutoConfig.from_pretrained(folder))
+
+
+def load_classifier(path: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int | None = None):
+    """A PrefixClassifier around the *ForSequenceClassification model in the folder `path`."""
+    from transformers import AutoModelForSequenceClassification
+
+    from server.engine.classifier import PrefixClassifier
+
+    dev = resolve_device(device)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    return PrefixClassifier(model.requires_grad_(False), max_batch_tokens)
+
+
 def model_folder(path: str | None = None, cache_dir: Path | None = None) -> tuple[Path, str]:
     """(the HF folder, the name clients use for it) of `path`, or of the embedded SmolLM2
     (converted first if needed)."""

@@ -4,6 +4,7 @@ api import it; it imports none of them (enforced by import-linter, see pyproject
 
     model_spec.py   ModelKind, ModelSpec (what a prefix must match), model_fingerprint
     prefix.py       PrefixRef, Prefix (checked once, when made), validate_kv, compose
+    head.py         ClassifierHead, the head a SEQ_CLS prefix brings
     peft_format.py  PEFT adapter folders and safetensors files, read and written (also SEQ_CLS)
     ids.py          the naming rules of tenants, prefixes, versions and users
 """
@@ -18,12 +19,13 @@ from server.prefix.ids import (
     validate_tenant,
     validate_version,
 )
+from server.prefix.head import ClassifierHead
 from server.prefix.model_spec import ModelKind, ModelSpec, model_fingerprint
 from server.prefix.peft_format import ModelMismatchError
 from server.prefix.prefix import FLOAT_DTYPES, Prefix, PrefixError, PrefixRef, compose, validate_kv
 
 __all__ = [
-    "FLOAT_DTYPES", "InvalidIdError", "ModelKind", "ModelMismatchError", "ModelSpec", "Prefix", "PrefixError", "PrefixRef",
+    "ClassifierHead", "FLOAT_DTYPES", "InvalidIdError", "ModelKind", "ModelMismatchError", "ModelSpec", "Prefix", "PrefixError", "PrefixRef",
     "SHARED_PREFIX", "USER_PREFIX", "compose", "model_fingerprint", "shorten", "user_prefix_id",
     "validate_kv", "validate_prefix_id", "validate_tenant", "validate_version",
 ]

@@ -195,6 +195,17 @@ def read_seq_cls_adapter(folder: str | Path, spec: ModelSpec, hidden_size: int |
     folder = Path(folder)
     config, tensors = _read_folder(folder, spec, ModelKind.SEQ_CLS)
     kv = kv_from_prompt_embeddings(tensors["prompt_embeddings"], spec, config.get("num_virtual_tokens"))
+    weight, bias = seq_cls_head(tensors, hidden_size or spec.peft_token_dim())
+    path = folder / LABELS_FILE
+    labels = None
+    if path.exists():
+        labels = labels_of_config(json.loads(path.read_text()), None if weight is None else int(weight.shape[0]))
+    return SeqClsAdapter(kv=kv, head_weight=weight, head_bias=bias, labels=labels)
+
+
+def seq_cls_head(tensors: dict[str, torch.Tensor], hidden_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (weight, bias) of the classifier head a SEQ_CLS adapter's weights hold, checked, or
+    (None, None) when it holds none; refuses any other tensor."""
     unknown = sorted(set(tensors) - {"prompt_embeddings", HEAD_WEIGHT, HEAD_BIAS})
     if unknown:
         raise PrefixError(f"{WEIGHTS_FILE} has tensors prefix-serve cannot serve: {unknown[:10]}; a BERT SEQ_CLS "
@@ -204,9 +215,8 @@ def read_seq_cls_adapter(folder: str | Path, spec: ModelSpec, hidden_size: int |
         raise PrefixError(f"{WEIGHTS_FILE} has {HEAD_WEIGHT if weight is not None else HEAD_BIAS!r} "
                           f"but not {HEAD_BIAS if weight is not None else HEAD_WEIGHT!r}")
     if weight is not None:
-        check_head(weight, bias, hidden_size or spec.peft_token_dim())
-    return SeqClsAdapter(kv=kv, head_weight=weight, head_bias=bias,
-                         labels=_read_labels(folder, None if weight is None else int(weight.shape[0])))
+        check_head(weight, bias, hidden_size)
+    return weight, bias
 
 
 def check_head(weight: torch.Tensor, bias: torch.Tensor, hidden_size: int) -> None:
@@ -221,11 +231,10 @@ def check_head(weight: torch.Tensor, bias: torch.Tensor, hidden_size: int) -> No
         raise PrefixError("the classifier head has non-finite values (NaN or inf)")
 
 
-def _read_labels(folder: Path, num_labels: int | None) -> tuple[str, ...] | None:
-    path = folder / LABELS_FILE
-    if not path.exists():
-        return None
-    id2label = json.loads(path.read_text()).get("id2label")
+def labels_of_config(config: dict, num_labels: int | None) -> tuple[str, ...] | None:
+    """Label names by index from a model config's id2label (a `config.json` saved beside the
+    adapter), or None when it names none."""
+    id2label = config.get("id2label")
     if not isinstance(id2label, dict) or not id2label:
         return None
     try:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.prefix.model_spec import ModelSpec
+from server.prefix.head import ClassifierHead
+from server.prefix.model_spec import ModelKind, ModelSpec
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _anonymous_ids = itertools.count()  # never reused, unlike id() of a tensor that was freed
@@ -48,15 +49,18 @@ class Prefix:
     spec: ModelSpec  # the model it was checked against
     refs: tuple[PrefixRef, ...] = field(default_factory=tuple)  # () for an anonymous prefix
     serial: int = field(default_factory=lambda: next(_anonymous_ids), repr=False)  # identity of an anonymous one
+    head: ClassifierHead | None = None  # a SEQ_CLS prefix's own classifier head (float32), if it has one
 
     @classmethod
     def make(cls, kv: torch.Tensor, spec: ModelSpec, refs: tuple[PrefixRef, ...] = (),
-             dtype: torch.dtype | None = None) -> "Prefix":
+             dtype: torch.dtype | None = None, head: ClassifierHead | None = None) -> "Prefix":
         """Check `kv` against `spec` (raises PrefixError naming the numbers) and keep a
-        contiguous host copy, cast to `dtype` when given."""
+        contiguous host copy, cast to `dtype` when given (a head stays float32)."""
         validate_kv(kv, spec)
+        if head is not None and spec.kind is not ModelKind.SEQ_CLS:
+            raise PrefixError(f"a prefix with a classifier head needs a seq_cls model; this one is {spec.kind.value}")
         kv = kv.detach().to("cpu", dtype or kv.dtype).contiguous()
-        return cls(kv=kv, spec=spec, refs=tuple(refs))
+        return cls(kv=kv, spec=spec, refs=tuple(refs), head=None if head is None else head.on_host())
 
     @property
     def length(self) -> int:
@@ -70,7 +74,7 @@ class Prefix:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return self.kv.numel() * self.kv.element_size() + (0 if self.head is None else self.head.nbytes)
 
 
 def validate_kv(kv: torch.Tensor, spec: ModelSpec, what: str = "prefix") -> None:
@@ -109,6 +113,8 @@ def compose(parts: list[Prefix]) -> Prefix:
     if len(parts) == 1:
         return parts[0]
     spec = parts[0].spec
+    if any(p.head is not None for p in parts):
+        raise PrefixError("a classification prefix with its own head cannot be composed with another prefix")
     if any(p.spec != spec for p in parts):
         raise PrefixError("prefixes checked against different models cannot be composed")
     total = sum(p.length for p in parts)
