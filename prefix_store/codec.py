@@ -1,4 +1,5 @@
-"""kv tensor <-> safetensors bytes, and the content hash that is a prefix's version."""
+"""kv tensor <-> safetensors bytes, and the content hash that is a prefix's version (and the
+version of a serving copy: the same hash of the copy's own bytes)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ TENSOR_NAME = "prefix_kv"
 
 def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the name records and serving-copy keys use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def check_layout(kv: torch.Tensor) -> None:
@@ -40,9 +46,19 @@ def encode(kv: torch.Tensor) -> tuple[bytes, str]:
 
 def decode(data: bytes, version: str) -> torch.Tensor:
     """Deserialize, refusing bytes whose hash is not `version` (never serve the wrong tensor)."""
+    check_version(data, version)
+    return load(data)
+
+
+def check_version(data: bytes, version: str) -> None:
+    """Raise ValueError unless `data` hashes to `version`."""
     actual = content_version(data)
     if actual != version:
-        raise ValueError(f"tensor bytes hash to version {actual}, expected {version}")
+        raise ValueError(f"tensor bytes ({len(data)}) hash to version {actual}, expected {version}")
+
+
+def load(data: bytes) -> torch.Tensor:
+    """Deserialize bytes whose version was checked (decode, or check_version earlier)."""
     tensors = st_load(data)
     if set(tensors) != {TENSOR_NAME}:
         raise ValueError(f"stored tensor file holds {sorted(tensors)}, expected ['{TENSOR_NAME}']")
