@@ -56,7 +56,7 @@ class PrefixRecord:
     def from_json(cls, text: str | bytes) -> "PrefixRecord":
         data = json.loads(text)
         names = {f.name for f in fields(cls)}
-        missing = {f.name for f in fields(cls) if f.default is MISSING} - data.keys()
+        missing = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - data.keys()
         if missing:
             raise ValueError(f"prefix record lacks fields {sorted(missing)}")
         # unknown fields are ignored so that a newer writer does not break an older reader
