@@ -4,6 +4,7 @@ hash-once check, against a real redis-server and a Redis Cluster."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -68,7 +69,7 @@ def test_a_copy_of_the_wrong_dtype_is_refused_even_with_a_matching_hash(store, r
     record, _ = store.put("acme", "p", make_kv(0), model_fingerprint=FINGERPRINT)
     wrong = st_save({"prefix_kv": make_kv(0).to(torch.float16)})
     raw.set(copy_key(store, record), wrong)
-    forged = record.__class__(**{**record.__dict__, "serving_copies": {"bfloat16": codec.content_version(wrong)}})
+    forged = dataclasses.replace(record, serving_copies={"bfloat16": codec.content_version(wrong)})
     with pytest.raises(StoreIntegrityError, match=r"holds float16 \(2, 2, 2, 3, 8\), expected bfloat16"):
         store.get_serving(forged, BF16)
 
