@@ -74,9 +74,10 @@ def upload(url: str, key: str, prefix_id: str, kv: torch.Tensor) -> None:
               files={"file": ("p.safetensors", save({"prefix_kv": kv}))}, timeout=60).raise_for_status()
 
 
-def store_prefixes(url: str, redis_url: str, key: str, count: int) -> None:
+def store_prefixes(url: str, redis_url: str, key: str, count: int, dtype: str) -> None:
     """`count` random prefixes for tenant `bench`: the first through HTTP (the store then
-    knows the model's fingerprint), the others straight into the same Redis."""
+    knows the model's fingerprint), the others straight into the same Redis, each with its
+    serving copy in `dtype` as an upload through HTTP stores it."""
     from prefix_store import PrefixStore
 
     g = torch.Generator().manual_seed(0)
@@ -84,7 +85,7 @@ def store_prefixes(url: str, redis_url: str, key: str, count: int) -> None:
     store = PrefixStore(redis_url)
     fingerprint = store.get_record("bench", "p0").model_fingerprint
     for i in range(1, count):
-        store.put("bench", f"p{i}", random_prefix(g), model_fingerprint=fingerprint)
+        store.put("bench", f"p{i}", random_prefix(g), model_fingerprint=fingerprint, serving_dtype=getattr(torch, dtype))
     store.close()
 
 
@@ -193,7 +194,7 @@ def main() -> None:
                 httpx.put(f"{url}/v1/admin/tenants/{tenant}/limits", headers=admin,
                           json={"max_prefixes": 10_000, "max_concurrent_requests": 1000}).raise_for_status()
             t0 = time.perf_counter()
-            store_prefixes(url, redis_server.url, keys["bench"], max(counts))
+            store_prefixes(url, redis_server.url, keys["bench"], max(counts), args.dtype)
             upload(url, keys["warm"], "w0", random_prefix(torch.Generator().manual_seed(1)))
             report["stored_prefixes_s"] = time.perf_counter() - t0
             runs: dict[int, list[dict]] = {n: [] for n in counts}

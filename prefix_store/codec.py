@@ -3,7 +3,8 @@ hash that is a prefix's version.
 
 A stored file holds `prefix_kv` and, for a SEQ_CLS prefix trained with its own classifier
 head, `head_weight` and `head_bias` with the label names in the file's metadata: one file,
-one hash, so a version names exactly one prefix and one head."""
+one hash, so a version names exactly one prefix and one head. A serving copy (the
+kv cast to the serving dtype) has the same rules: its version is the hash of its own bytes."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ LABELS_KEY = "labels"  # metadata: a JSON list of label names
 
 def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the name records and serving-copy keys use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def check_layout(kv: torch.Tensor) -> None:
@@ -57,14 +63,30 @@ def encode(kv: torch.Tensor, head: ClassifierHead | None = None) -> tuple[bytes,
 
 def decode(data: bytes, version: str) -> torch.Tensor:
     """Deserialize the kv, refusing bytes whose hash is not `version` (never serve the wrong tensor)."""
-    return decode_parts(data, version)[0]
+    check_version(data, version)
+    return load(data)
 
 
 def decode_parts(data: bytes, version: str) -> tuple[torch.Tensor, ClassifierHead | None]:
     """(kv, head or None), refusing bytes whose hash is not `version`."""
+    check_version(data, version)
+    return load_parts(data)
+
+
+def check_version(data: bytes, version: str) -> None:
+    """Raise ValueError unless `data` hashes to `version`."""
     actual = content_version(data)
     if actual != version:
-        raise ValueError(f"tensor bytes hash to version {actual}, expected {version}")
+        raise ValueError(f"tensor bytes ({len(data)}) hash to version {actual}, expected {version}")
+
+
+def load(data: bytes) -> torch.Tensor:
+    """Deserialize the kv of bytes whose version was checked (decode, or check_version earlier)."""
+    return load_parts(data)[0]
+
+
+def load_parts(data: bytes) -> tuple[torch.Tensor, ClassifierHead | None]:
+    """(kv, head or None) of bytes whose version was checked."""
     tensors = st_load(data)
     if set(tensors) not in ({TENSOR_NAME}, {TENSOR_NAME, HEAD_WEIGHT, HEAD_BIAS}):
         raise ValueError(f"stored tensor file holds {sorted(tensors)}, expected ['{TENSOR_NAME}'] "

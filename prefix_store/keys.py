@@ -5,7 +5,11 @@ them live in one hash slot and a MULTI/EXEC over them stays legal. Tenant record
 key hashes share the tag `{tenants}` for the same reason.
 
     ps:{t:acme}:prefixes                         hash  prefix id -> PrefixRecord JSON
-    ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv
+    ps:{t:acme}:prefix:<id>:tensor:<version>     string  safetensors bytes of kv, as uploaded
+    ps:{t:acme}:prefix:<id>:tensor:<version>:<dtype>
+                                                 string  the same kv cast to a serving dtype
+                                                         (bfloat16, float16 or float32): the
+                                                         serving copy (record.serving_copies)
     ps:{t:acme}:incarnation                      string  the tenant's incarnation id, or the
                                                          tombstone "deleting" / "deleted"
     ps:{t:acme}:sync                             string  written just before a WAIT (expires in 60 s)
@@ -22,7 +26,8 @@ key hashes share the tag `{tenants}` for the same reason.
 
 Ids (their rules are in server/prefix/ids.py) never contain `{` or `}`, so the hash tag of a
 key is always the tenant's. Versions are 16 hex digits and never end in a word of the key
-grammar, so no two ids share a key.
+grammar, so no two ids share a key; a serving copy's key ends in a dtype name, which is not
+16 hex digits, so it is never another prefix's tensor key either.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from __future__ import annotations
 import re
 
 from server.prefix.ids import InvalidIdError, validate_prefix_id, validate_tenant, validate_version
+
+SERVING_DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the dtypes a serving copy can have
 
 
 def hash_tag(key: str) -> str:
@@ -60,6 +67,12 @@ class Keys:
         return (f"{self._tenant_base(tenant)}:prefix:{validate_prefix_id(prefix_id)}"
                 f":tensor:{validate_version(version)}")
 
+    def serving_copy(self, tenant: str, prefix_id: str, version: str, dtype_name: str) -> str:
+        """The tensor of `version` cast to `dtype_name`; same slot as the tensor it came from."""
+        if dtype_name not in SERVING_DTYPE_NAMES:
+            raise ValueError(f"serving dtype must be one of {', '.join(SERVING_DTYPE_NAMES)}, got {dtype_name!r}")
+        return f"{self.tensor(tenant, prefix_id, version)}:{dtype_name}"
+
     def incarnation(self, tenant: str) -> str:
         return f"{self._tenant_base(tenant)}:incarnation"
 
@@ -79,7 +92,8 @@ class Keys:
         return f"{self._tenant_base(tenant)}:settings"
 
     def tensor_pattern(self, tenant: str) -> str:
-        """A SCAN pattern for every tensor key of a tenant (used when a tenant is deleted)."""
+        """A SCAN pattern for every tensor key of a tenant, serving copies included (used
+        when a tenant is deleted)."""
         return f"{self._tenant_base(tenant)}:prefix:*"
 
     def tenants(self) -> str:

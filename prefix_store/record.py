@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Literal
 
 from server.prefix import PrefixRef
@@ -34,6 +34,12 @@ class PrefixRecord:
     # not check it yet. None: not recorded (uploads, and prefixes stored before this field
     # existed).
     trained_after: tuple[PrefixRef, ...] | None = None
+    # Serving copies of this version: dtype name -> content hash of the copy's safetensors
+    # bytes, stored under Keys.serving_copy (the tensor above cast to that dtype, so a server
+    # in that dtype reads half the bytes of float32 and casts nothing). Not part of the
+    # version, and not counted in `bytes` nor in the tenant's quota. {}: none yet (and
+    # prefixes stored before copies existed).
+    serving_copies: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> PrefixRef:
@@ -50,13 +56,18 @@ class PrefixRecord:
     def from_json(cls, text: str | bytes) -> "PrefixRecord":
         data = json.loads(text)
         names = {f.name for f in fields(cls)}
-        missing = {f.name for f in fields(cls) if f.default is MISSING} - data.keys()
+        missing = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - data.keys()
         if missing:
             raise ValueError(f"prefix record lacks fields {sorted(missing)}")
         # unknown fields are ignored so that a newer writer does not break an older reader
         values = {name: data[name] for name in names if name in data}
         if values.get("trained_after") is not None:
             values["trained_after"] = tuple(PrefixRef(**ref) for ref in values["trained_after"])
+        copies = values.get("serving_copies")
+        if copies is not None and not (isinstance(copies, dict)
+                                       and all(isinstance(k, str) and isinstance(v, str) for k, v in copies.items())):
+            raise ValueError(f"prefix record has serving_copies {copies!r}; expected an object of dtype -> version")
+        values["serving_copies"] = dict(copies or {})
         return cls(**values)
 
 

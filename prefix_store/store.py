@@ -12,6 +12,19 @@ request reads the current version anyway. The old tensor stays readable for
 gets the tensor it names; every tensor read is checked against the version hash in the
 metadata.
 
+Serving copies: a put given the server's `serving_dtype` also writes the tensor cast to it
+under its own key (Keys.serving_copy) and records that copy's content hash in the record,
+in the same MULTI/EXEC; a read for serving (get_serving) takes the copy when the record
+names one, checked against that hash, and otherwise reads the tensor as stored, casts it
+and writes the copy for the next reader (one transaction, guarded by WATCH on the index,
+only while the record still names that version). The version is always the hash of the
+tensor as uploaded, so it does not depend on any server's dtype. Every key of a version
+(the tensor and a copy of each dtype) expires together on replace and delete. A current
+record names only copies whose key has no expiry.
+
+Each process hashes the bytes of a (key, version) once (verified_versions.py says what
+that assumes); later reads of the same bytes skip the sha256.
+
 Durability: with `wait_replicas` > 0, a write (put, delete, tenant create/rotate/delete)
 returns only once the slot's master has it on that many replicas (WAIT), else raises
 NotReplicatedError; so a failover that promotes one of them keeps every acknowledged write.
@@ -20,6 +33,9 @@ NotReplicatedError; so a failover that promotes one of them keeps every acknowle
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,13 +47,16 @@ from prefix_store import codec, storage_usage
 from prefix_store.connection import make_client, unavailable_as_error, wait_for_replicas
 from prefix_store.errors import (NotReplicatedError, StoreIntegrityError, StoreUnavailableError, TenantDeletedError,
                                  TenantExistsError)
-from prefix_store.keys import Keys
+from prefix_store.keys import SERVING_DTYPE_NAMES, Keys
 from prefix_store.tenant_limits import StorageUsage, TenantLimits
 from server.prefix import ClassifierHead, PrefixRef
 from server.prefix.ids import validate_prefix_id, validate_tenant, validate_version
 from prefix_store.record import PrefixEvent, PrefixRecord, TenantEvent
 from prefix_store.subscription import Subscription
 from prefix_store.tenants import TenantDirectory, TenantSettings
+from prefix_store.verified_versions import VerifiedVersions
+
+log = logging.getLogger(__name__)
 
 MAX_DESCRIPTION_CHARS = 4096
 PREFIX_KINDS = ("tuned", "prompt")  # PrefixRecord.kind
@@ -59,6 +78,7 @@ class PrefixStore:
         self._r = make_client(redis_url)
         self._tenants = TenantDirectory(self._r, self.keys)
         self.errors = 0  # operations that found Redis unreachable (metrics: store_errors_total)
+        self.verified = VerifiedVersions()  # (key, version, length) already hashed by this process
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -75,9 +95,13 @@ class PrefixStore:
             description: str = "", incarnation: str | None = None, shared: bool = False,
             kind: str = "tuned", limits: TenantLimits | None = None,
             trained_after: tuple[PrefixRef, ...] | None = None,
-            head: ClassifierHead | None = None) -> tuple[PrefixRecord, bool]:
+            head: ClassifierHead | None = None,
+            serving_dtype: torch.dtype | None = None) -> tuple[PrefixRecord, bool]:
         """Store kv [L, 2, Hkv, P, hd] (with a classification prefix's `head`, in the same
         tensor file) as the new version of `prefix_id`; (record, created).
+        Given `serving_dtype` (the dtype the calling server serves in) other than kv's, a
+        copy cast to it is stored too (see the module's note); not for a prefix with a head,
+        which is read as stored (heads are applied in float32).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
         `incarnation` (tenant_incarnation() read when the work started), when the tenant
@@ -97,6 +121,9 @@ class PrefixStore:
                              f"{MAX_DESCRIPTION_CHARS}")
         head = None if head is None else head.on_host()  # stored (and counted) in float32
         data, version = codec.encode(kv, head)
+        copy = None  # (dtype name, bytes, version) of the serving copy
+        if serving_dtype is not None and serving_dtype != kv.dtype and head is None:
+            copy = (codec.dtype_name(serving_dtype), *codec.encode(kv.to(serving_dtype)))
         layers, _, heads, plen, head_dim = kv.shape
         record = PrefixRecord(
             tenant=tenant, prefix_id=prefix_id, version=version, num_virtual_tokens=int(plen),
@@ -110,7 +137,7 @@ class PrefixStore:
         marker = self.keys.incarnation(tenant)
         event = PrefixEvent("put", tenant, prefix_id, version)
 
-        def tx(pipe: redis.client.Pipeline) -> PrefixRecord | None:
+        def tx(pipe: redis.client.Pipeline) -> tuple[PrefixRecord | None, PrefixRecord]:
             current = pipe.get(marker)
             if current in (DELETING, DELETED) or (incarnation is not None and current != incarnation.encode()):
                 raise TenantDeletedError(f"tenant {tenant!r} was deleted; prefix {prefix_id!r} is not stored")
@@ -120,17 +147,25 @@ class PrefixStore:
             after = storage_usage.usage_after_put(usage, old, record.bytes)
             if limits is not None:
                 storage_usage.check_quota(tenant, prefix_id, record.bytes, usage, after, limits)
+            # the same version again keeps its copies (current, so their keys have no expiry)
+            copies = dict(old.serving_copies) if old is not None and old.version == version else {}
+            if copy is not None:
+                copies[copy[0]] = copy[2]
+            stored = dataclasses.replace(record, serving_copies=copies)
             pipe.multi()
             storage_usage.write_usage(pipe, self.keys, tenant, after)
             # a plain SET also clears a grace TTL if this version is uploaded again
             pipe.set(self.keys.tensor(tenant, prefix_id, version), data)
-            pipe.hset(index, prefix_id, record.to_json())
+            if copy is not None:
+                pipe.set(self.keys.serving_copy(tenant, prefix_id, version, copy[0]), copy[1])
+            pipe.hset(index, prefix_id, stored.to_json())
             if old is not None and old.version != version:
-                pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
-            return old
+                for key in self._version_keys(tenant, prefix_id, old.version):
+                    pipe.expire(key, self.old_version_grace_s)
+            return old, stored
 
         with self._guard():
-            old = self._r.transaction(tx, index, marker, value_from_callable=True)
+            old, record = self._r.transaction(tx, index, marker, value_from_callable=True)
             self._replicated(tenant, created_key=self.keys.tensor(tenant, prefix_id, version))
             self._r.publish(self.keys.events(), event.to_json())
         return record, old is None
@@ -161,15 +196,91 @@ class PrefixStore:
         """The tensor of exactly this version (also shortly after it was replaced), or None;
         with_head: (kv, its classifier head or None), or None."""
         key = self.keys.tensor(tenant, prefix_id, validate_version(version))
+        return self._read(key, version, f"prefix {prefix_id!r} of tenant {tenant!r}", with_head)
+
+    def get_serving(self, record: PrefixRecord, dtype: torch.dtype | None) -> torch.Tensor | None:
+        """The kv of `record`'s version in `dtype` (None: as stored); None when the version
+        is gone (replaced or deleted, grace over). Reads the serving copy the record names
+        (checked against its hash; its dtype and shape must be the record's); without one,
+        reads the tensor as stored, casts it and stores the copy for the next reader."""
+        tenant, prefix_id, version = record.tenant, record.prefix_id, record.version
+        if dtype is None or codec.dtype_name(dtype) == record.dtype:
+            return self.get_version(tenant, prefix_id, version)
+        name = codec.dtype_name(dtype)
+        copy_version = record.serving_copies.get(name)
+        if copy_version is not None:
+            what = f"prefix {prefix_id!r} of tenant {tenant!r}, {name} copy of version {version}"
+            kv = self._read(self.keys.serving_copy(tenant, prefix_id, version, name), validate_version(copy_version),
+                            what)
+            if kv is not None:
+                if kv.dtype != dtype or tuple(kv.shape) != record.shape:
+                    raise StoreIntegrityError(f"{what}: holds {codec.dtype_name(kv.dtype)} {tuple(kv.shape)}, "
+                                              f"expected {name} {record.shape}")
+                return kv
+            # the copy went with its version (replaced or deleted): so, likely, did the tensor
+        kv = self.get_version(tenant, prefix_id, version)
+        if kv is None:
+            return None
+        kv = kv.to(dtype)
+        if copy_version is None:
+            self._add_serving_copy(record, kv)
+        return kv
+
+    def _read(self, key: str, version: str, what: str, with_head: bool = False):
+        """The tensor under `key`, refused unless its bytes hash to `version` (hashed once
+        per process for the same key, version and length: verified_versions.py); with_head:
+        (kv, its classifier head or None)."""
         with self._guard():
             data = self._r.get(key)
         if data is None:
             return None
         try:
-            kv, head = codec.decode_parts(data, version)
-            return (kv, head) if with_head else kv
+            if not self.verified.contains(key, version, len(data)):
+                codec.check_version(data, version)
+                self.verified.add(key, version, len(data))
+            return codec.load_parts(data) if with_head else codec.load(data)
         except ValueError as e:
-            raise StoreIntegrityError(f"prefix {prefix_id!r} of tenant {tenant!r}: {e}") from e
+            raise StoreIntegrityError(f"{what}: {e}") from e
+
+    def _add_serving_copy(self, record: PrefixRecord, kv: torch.Tensor) -> None:
+        """Store `kv` (record's tensor cast to a serving dtype) as that version's copy and
+        name it in the record, if the record still names this version and no such copy;
+        best effort: a failure only means the next reader casts again."""
+        name = codec.dtype_name(kv.dtype)
+        data, copy_version = codec.encode(kv)
+        index = self.keys.prefixes(record.tenant)
+        copy_key = self.keys.serving_copy(record.tenant, record.prefix_id, record.version, name)
+
+        def tx(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.hget(index, record.prefix_id)
+            if raw is None:
+                return
+            # edit the JSON as stored: fields a newer writer added survive
+            fields = json.loads(raw)
+            copies = fields.get("serving_copies") or {}
+            if fields.get("version") != record.version or name in copies:
+                return  # replaced or deleted meanwhile (its keys may be expiring), or done by another reader
+            fields["serving_copies"] = {**copies, name: copy_version}
+            pipe.multi()
+            pipe.set(copy_key, data)
+            pipe.hset(index, record.prefix_id, json.dumps(fields, separators=(",", ":"), sort_keys=True))
+
+        try:
+            with self._guard():
+                self._r.transaction(tx, index)
+        except (StoreUnavailableError, redis.RedisError) as e:
+            log.warning("prefix %r of tenant %r: the %s copy of version %s was not stored (%s); the next load "
+                        "casts again", record.prefix_id, record.tenant, name, record.version, e)
+
+    def _version_keys(self, tenant: str, prefix_id: str, version: str) -> list[str]:
+        """Every key of one version: its tensor and a serving copy of each dtype (there may
+        be none: EXPIRE of a missing key does nothing)."""
+        return [self.keys.tensor(tenant, prefix_id, version),
+                *(self.keys.serving_copy(tenant, prefix_id, version, name) for name in SERVING_DTYPE_NAMES)]
+
+    def forget_verified(self) -> None:
+        """Hash every tensor again on its next read (after a reconnect: Redis may have restarted)."""
+        self.verified.clear()
 
     def list(self, tenant: str) -> list[PrefixRecord]:
         """The tenant's prefixes, sorted by id."""
@@ -179,7 +290,8 @@ class PrefixStore:
         return sorted((PrefixRecord.from_json(v) for v in raw.values()), key=lambda r: r.prefix_id)
 
     def delete(self, tenant: str, prefix_id: str) -> bool:
-        """Remove a prefix; False if it did not exist. Its tensor expires after the grace period."""
+        """Remove a prefix; False if it did not exist. Its tensor (and serving copies) expire
+        after the grace period."""
         validate_tenant(tenant)
         validate_prefix_id(prefix_id)
         index = self.keys.prefixes(tenant)
@@ -193,7 +305,8 @@ class PrefixStore:
             pipe.multi()
             storage_usage.write_usage(pipe, self.keys, tenant, storage_usage.usage_after_delete(usage, old))
             pipe.hdel(index, prefix_id)
-            pipe.expire(self.keys.tensor(tenant, prefix_id, old.version), self.old_version_grace_s)
+            for key in self._version_keys(tenant, prefix_id, old.version):
+                pipe.expire(key, self.old_version_grace_s)
             return old
 
         with self._guard():

@@ -46,7 +46,7 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     resolver = PrefixResolver(store, engine.make_prefix, HostPrefixes(settings.host_cache_bytes),
                               spec.fingerprint, admin_tenant=settings.admin_tenant,
                               shared_prefixes=settings.shared_prefixes, on_stale=engine.drop_stale_prefix,
-                              max_concurrent_loads=settings.prefix_load_concurrency,
+                              max_concurrent_loads=settings.prefix_load_concurrency, serving_dtype=engine.dtype,
                               with_heads=spec.kind is ModelKind.SEQ_CLS)
     auth = Authenticator(store, settings.admin_key.get_secret_value(), settings.admin_tenant)
     ctx = ServerContext(settings=settings, engine=engine, store=store, resolver=resolver, auth=auth,

@@ -22,6 +22,10 @@
 #   request allows it: served after anything else, it meets keys and values it never saw
 #   (the README's user prefix trained alone, then served after a task prefix, answered
 #   with an empty reply). Served from the outage fallback (no record) it is not checked.
+# - A load reads the version's copy in the engine's dtype when its record names one (half
+#   the bytes of float32 for bf16, no cast), else the tensor as stored, cast (and the store
+#   then writes the copy). Either is checked against a hash from the record, once per
+#   process (the store's VerifiedVersions, forgotten on reconnect).
 """
 
 from __future__ import annotations
@@ -85,11 +89,13 @@ class PrefixResolver:
                  cache: HostPrefixes, model_fingerprint: str, *, admin_tenant: str = "admin",
                  shared_prefixes: bool = True,
                  on_stale: Callable[[str, str, str | None], None] | None = None,
-                 max_concurrent_loads: int = 4, with_heads: bool = False) -> None:
+                 max_concurrent_loads: int = 4, serving_dtype: torch.dtype | None = None,
+                 with_heads: bool = False) -> None:
         self.store = store
         # a seq_cls model: prefixes may carry their own classifier head (make_prefix takes it)
         self.with_heads = with_heads
         self.make_prefix = make_prefix  # engine.make_prefix: checks once and casts to the engine dtype
+        self.serving_dtype = serving_dtype  # the engine's dtype: loads read the store's copy in it
         self.cache = cache
         self.model_fingerprint = model_fingerprint
         self.admin_tenant = admin_tenant
@@ -165,17 +171,22 @@ class PrefixResolver:
         ref = record.ref
         task = self._loading.get(ref)
         if task is None:
-            task = asyncio.ensure_future(self._fetch(ref, name))
+            task = asyncio.ensure_future(self._fetch(record, name))
             self._loading[ref] = task
             task.add_done_callback(lambda t: self._loading.pop(ref, None) and (t.cancelled() or t.exception()))
         return await asyncio.shield(task)
 
-    async def _fetch(self, ref: PrefixRef, name: str) -> Prefix:
+    async def _fetch(self, record: PrefixRecord, name: str) -> Prefix:
+        ref = record.ref
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            got = await loop.run_in_executor(self._load_threads, self.store.get_version, ref.tenant, ref.prefix_id,
-                                             ref.version, *((True,) if self.with_heads else ()))
+            if self.with_heads:  # read as stored: the kv and its head (make_prefix casts the kv)
+                got = await loop.run_in_executor(self._load_threads, self.store.get_version, ref.tenant,
+                                                 ref.prefix_id, ref.version, True)
+            else:
+                got = await loop.run_in_executor(self._load_threads, self.store.get_serving, record,
+                                                 self.serving_dtype)
         except StoreUnavailableError as e:
             raise PrefixUnavailable(f"prefix {shorten(name)} could not be loaded: the prefix store is "
                                     "unreachable; retry shortly") from e
@@ -201,4 +212,6 @@ class PrefixResolver:
         # Events published while we were disconnected are lost, so any host copy, and the
         # versions the outage fallback would serve, may be stale: drop them all. (Device
         # copies are keyed by version, and every resolve asks the store for the current one.)
+        # Redis may have restarted, too: hash every tensor again on its next read.
         self.cache.clear()
+        self.store.forget_verified()

@@ -61,7 +61,8 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
     limits = await ctx.admission.limits_of(caller.tenant)  # its storage quota: 403 above it, nothing stored
     record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
                                               model_fingerprint=ctx.spec.fingerprint, description=description,
-                                              shared=shared, kind=kind, limits=limits, head=head)
+                                              shared=shared, kind=kind, limits=limits, head=head,
+                                              serving_dtype=ctx.engine.dtype)  # the copy this server reads
     response.status_code = 201 if created else 200
     return prefix_info(record)
 

@@ -163,11 +163,12 @@ class Stack:
         self.store.close()
 
 
-def start_stack(redis_url: str, vocab: int, tokenizer, *, slow_step_s: float = 0.0, **overrides) -> Stack:
+def start_stack(redis_url: str, vocab: int, tokenizer, *, slow_step_s: float = 0.0,
+                model_dtype: torch.dtype = torch.float32, **overrides) -> Stack:
     values = dict(admin_key=SecretStr(ADMIN_KEY), kv_cache_bytes=4 << 20, max_upload_bytes=256 << 10,
                   max_prefix_bytes=64 << 10, max_body_bytes=64 << 10, request_timeout_s=60, drain_timeout_s=5)
     settings = Settings(**{**values, **overrides})
-    model = tiny_llama(0, vocab)
+    model = tiny_llama(0, vocab).to(model_dtype)
     if slow_step_s:
         # Slows every step (the embedding runs once per forward) so that a long request is
         # surely still running while the test acts on it.

@@ -50,6 +50,12 @@ class DictStore:
         time.sleep(0.05)  # a slow transfer, so concurrent requests overlap
         return self.tensors.get((tenant, pid, version))
 
+    def get_serving(self, record: PrefixRecord, dtype: torch.dtype | None) -> torch.Tensor | None:
+        return self.get_version(record.tenant, record.prefix_id, record.version)  # no serving copies here
+
+    def forget_verified(self) -> None:
+        pass
+
 
 def make_resolver(store: DictStore, capacity: int = 1 << 20) -> PrefixResolver:
     return PrefixResolver(store, lambda kv, refs: Prefix(kv=kv.clone(), spec=SPEC, refs=refs), HostPrefixes(capacity), "fp")
