@@ -40,7 +40,7 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=4,
                    num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                    dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                   initializer_factor=3.0)
+                   initializer_factor=1.5)
     return T5ForConditionalGeneration(cfg).eval()
 
 
@@ -209,7 +209,7 @@ def test_unused_blocks_do_not_matter_and_used_ones_do(setup):
         changed = kv.clone()
         changed[block] += 1.0
         [got] = engine.generate([Seq2SeqInput(ids, changed, max_new_tokens=3)], return_logits=True)
-        diff = float((got.logits - want.logits).abs().max())
+        diff = float((got.logits[0] - want.logits[0]).abs().max())  # the first step: same inputs
         assert (diff > 1e-3) if block in used else (diff == 0.0), (block, diff)
 
 
