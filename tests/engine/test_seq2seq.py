@@ -91,6 +91,15 @@ def _reference_tokens(model, ids: list[int], n: int, eos: int) -> list[int]:
     return out[:out.index(eos) + 1] if eos in out else out
 
 
+def _generate_logits(model, ids: list[int], n: int) -> torch.Tensor:
+    """The per-step logits [steps, vocab] of HF/PEFT greedy generate (its incremental path)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=1,
+                             max_new_tokens=n, output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits)[:, 0]
+
+
 def _reference_logits(model, ids: list[int], start: int, tokens: list[int]) -> torch.Tensor:
     """HF/PEFT forward logits [len(tokens), vocab] with the decoder teacher-forced on
     start + tokens[:-1]."""
@@ -180,6 +189,8 @@ def test_each_adapter_alone_matches_peft(setup, n):
         want = _reference_logits(reference, ids, engine.decoder_start_token_id, got.token_ids)
         assert got.logits.dtype == torch.float32 and got.logits.shape == want.shape
         assert (got.logits - want).abs().max() < TOL, (n, length, (got.logits - want).abs().max())
+        # and the logits of PEFT's own generate, step by step
+        assert (got.logits - _generate_logits(reference, ids, STEPS)).abs().max() < TOL
     # the prefix matters: without it the logits differ
     [bare] = engine.generate([Seq2SeqInput(ids, None, max_new_tokens=STEPS)], return_logits=True)
     assert (bare.logits[0] - got.logits[0]).abs().max() > 1e-2
