@@ -1,0 +1,270 @@
+"""PrefixSeq2Seq: one frozen BART or T5, many SEQ_2_SEQ_LM prefixes, one forward per step.
+
+What PEFT's PeftModelForSeq2SeqLM does for one prefix (peft 0.21.2, transformers 5.23, read
+in their code and checked by tests/engine/test_seq2seq.py):
+
+- the encoder never sees the prefix: PEFT passes its cache to the decoder only;
+- `get_prompt` views the adapter's [P, L * 2 * hidden] rows as [P, 2L, H, hd], concatenates
+  them with themselves (num_transformer_submodules = 2) to 4L blocks and splits them into
+  groups of 4: (self key, self value, cross key, cross value) of each decoder layer. PEFT
+  then empties the cross-attention cache, so the cross copies are dropped and decoder layer l
+  gets, in our kv [L, 2, H, P, hd] layout, the self-attention prefix kv[(2 * l) % L]
+  (with L even, the odd blocks are never used);
+- every decoder query sees the whole prefix (the mask is cat(ones(P), causal));
+- BART: the learned decoder positions start after the cache: decoder token d sits at
+  position P + d (embed_positions row P + d + 2);
+- T5: the relative position bias is computed with the query at P + d and the keys at
+  0 .. P + d (prefix slot s at s, decoder token j at P + j): between decoder tokens the
+  bias is that of no prefix (j - d), and prefix slot s is at distance -(P + d - s).
+
+A batch mixes rows with different prefixes (each its own P, or none) and input lengths. The
+encoder runs once for the whole batch (inputs right-padded and masked). The decoder then
+feeds one token per row per step: prefixes are left-aligned in a [B, H, Pmax, hd]
+self-attention cache, the padding after each is masked, and BART positions and T5 biases
+are computed per row from that row's P, so each row gets the logits it would get alone.
+The cross-attention keys and values of every layer are computed at the first step and read
+from the cache afterwards (transformers' EncoderDecoderCache). Decoding is greedy and stops
+at eos or at the row's max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+
+from server.prefix import ModelKind, ModelSpec, Prefix, PrefixError, model_fingerprint, validate_kv
+
+
+class Seq2SeqError(ValueError):
+    """A generation request that cannot run; the message has the numbers."""
+
+
+@dataclass(frozen=True, eq=False)
+class Seq2SeqInput:
+    """One row: encoder token ids (no padding), its prefix (or none) and how many tokens to generate."""
+
+    input_ids: Sequence[int] | torch.Tensor
+    prefix: Prefix | torch.Tensor | None = None  # kv [L, 2, H, P, hd]
+    max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class Seq2SeqOutput:
+    """One row's result."""
+
+    token_ids: list[int]  # the generated tokens (not the decoder start token), eos included when reached
+    finish_reason: str  # "eos" or "length"
+    logits: torch.Tensor | None  # [len(token_ids), vocab], float32 on the host; None unless asked
+
+
+class PrefixSeq2Seq:
+    """A frozen HF BartForConditionalGeneration or T5ForConditionalGeneration that generates
+    greedily for a batch of rows, each with its own prefix, one decoder pass per step."""
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        if hasattr(model, "model") and hasattr(model.model, "decoder") and hasattr(model.model.decoder, "embed_positions"):
+            self.arch = "bart"
+            self.decoder = model.model.decoder
+            layers, dec_layers = int(cfg.encoder_layers), int(cfg.decoder_layers)
+            heads, dec_heads = int(cfg.encoder_attention_heads), int(cfg.decoder_attention_heads)
+            head_dim = int(cfg.d_model) // heads
+            self.max_input_len = int(cfg.max_position_embeddings)
+            self.max_decoder_positions: int | None = int(cfg.max_position_embeddings)
+        elif hasattr(model, "decoder") and hasattr(model.decoder, "block"):
+            self.arch = "t5"
+            self.decoder = model.decoder
+            layers, dec_layers = int(cfg.num_layers), int(cfg.num_decoder_layers)
+            heads = dec_heads = int(cfg.num_heads)
+            head_dim = int(cfg.d_kv)
+            self.max_input_len = int(getattr(cfg, "n_positions", None) or 512)  # T5 has no hard limit
+            self.max_decoder_positions = None
+        else:
+            raise Seq2SeqError(f"PrefixSeq2Seq needs a BartForConditionalGeneration or a "
+                               f"T5ForConditionalGeneration, got {type(model).__name__}")
+        # PEFT sizes the prefix from the encoder's numbers (num_hidden_layers, num_attention_heads,
+        # hidden_size) and gives it to the decoder: refuse models where the two differ.
+        if (dec_layers, dec_heads, heads * head_dim) != (layers, heads, int(cfg.d_model)):
+            raise Seq2SeqError(f"PEFT's prefix layout needs decoder layers = encoder layers ({dec_layers} vs "
+                               f"{layers}), decoder heads = encoder heads ({dec_heads} vs {heads}) and heads * "
+                               f"head_dim = d_model ({heads} * {head_dim} vs {cfg.d_model})")
+        self.model = model.eval().requires_grad_(False)
+        self.encoder = model.get_encoder()
+        self.vocab_size = int(cfg.vocab_size)
+        self.pad_token_id = int(cfg.pad_token_id)
+        self.eos_token_ids = frozenset(_generation_setting(model, "eos_token_id"))
+        [self.decoder_start_token_id] = _generation_setting(model, "decoder_start_token_id")
+        self.spec = ModelSpec(num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
+                              fingerprint=model_fingerprint(model),
+                              max_model_len=self.max_decoder_positions or self.max_input_len,
+                              kind=ModelKind.SEQ2SEQ_LM)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def decoder_layer_block(self, layer: int) -> int:
+        """The prefix block (index into kv's first dim) that PEFT gives decoder layer `layer`."""
+        return (2 * layer) % self.spec.num_layers
+
+    # ---- one batch
+
+    @torch.inference_mode()
+    def generate(self, batch: Sequence[Seq2SeqInput], return_logits: bool = False) -> list[Seq2SeqOutput]:
+        """Greedy tokens per row, in the order of `batch`: one encoder pass, then one decoder
+        pass per step for all rows still running."""
+        if not batch:
+            return []
+        rows = [self._check_row(i, row) for i, row in enumerate(batch)]
+        ids, kvs, limits = zip(*rows)
+        b, dev = len(rows), self.device
+        plens = torch.tensor([0 if kv is None else int(kv.shape[3]) for kv in kvs])
+        pmax, steps = int(plens.max()), max(limits)
+
+        # The encoder, once: right-padded inputs, padding masked (its outputs there are never read).
+        smax = max(len(x) for x in ids)
+        enc_ids = torch.full((b, smax), self.pad_token_id, dtype=torch.long)
+        enc_mask = torch.zeros((b, smax), dtype=torch.bool)
+        for i, x in enumerate(ids):
+            enc_ids[i, :len(x)] = x
+            enc_mask[i, :len(x)] = True
+        enc_mask = enc_mask.to(dev)
+        encoded = self.encoder(input_ids=enc_ids.to(dev), attention_mask=enc_mask.long(),
+                               return_dict=True).last_hidden_state
+        cross_mask = self._additive(enc_mask[:, None, None, :])  # [B, 1, 1, S]
+
+        # Decoder self-attention slots: Pmax prefix slots (row i's first P_i are real), then one per step.
+        visible = torch.zeros((b, pmax + steps), dtype=torch.bool)
+        visible[:, pmax:] = True
+        for i, p in enumerate(plens.tolist()):
+            visible[i, :p] = True
+        visible = visible.to(dev)
+        plens = plens.to(dev)
+        cache = EncoderDecoderCache(self._prefix_cache(kvs, pmax), DynamicCache())
+
+        tokens = torch.full((b,), self.decoder_start_token_id, dtype=torch.long, device=dev)
+        out_ids: list[list[int]] = [[] for _ in range(b)]
+        out_logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        finish: list[str | None] = [None] * b
+        for step in range(steps):
+            self_mask = self._additive(visible[:, None, None, :pmax + step + 1])
+            logits = self._step(tokens, step, plens, pmax, encoded, cross_mask, self_mask, cache).float()
+            tokens = logits.argmax(-1)
+            chosen = tokens.tolist()
+            for i in range(b):
+                if finish[i] is not None:
+                    continue  # a finished row rides along; its outputs are not read
+                out_ids[i].append(chosen[i])
+                if return_logits:
+                    out_logits[i].append(logits[i].cpu())
+                if chosen[i] in self.eos_token_ids:
+                    finish[i] = "eos"
+                elif len(out_ids[i]) == limits[i]:
+                    finish[i] = "length"
+            if all(f is not None for f in finish):
+                break
+        return [Seq2SeqOutput(token_ids=out_ids[i], finish_reason=finish[i],
+                              logits=torch.stack(out_logits[i]) if return_logits else None)
+                for i in range(b)]
+
+    def _step(self, tokens, step, plens, pmax, encoded, cross_mask, self_mask, cache) -> torch.Tensor:
+        """Logits [B, vocab] of one decoder token per row (row i's token `step`)."""
+        dec = self.decoder
+        x = tokens[:, None]
+        if self.arch == "bart":
+            positions = dec.embed_positions
+            # PEFT alone: decoder token `step` at position P + step (learned embeddings are offset by 2).
+            h = dec.embed_tokens(x) + positions.weight[plens + step + positions.offset][:, None].to(self.dtype)
+            h = dec.layernorm_embedding(h)
+            for layer in dec.layers:
+                h = layer(h, self_mask, encoded, encoder_attention_mask=cross_mask,
+                          past_key_values=cache, use_cache=True)
+            return self.model.lm_head(h[:, 0]) + self.model.final_logits_bias[0].to(h.dtype)
+        h = dec.embed_tokens(x)
+        bias = self._t5_bias(plens, pmax, step)
+        for block in dec.block:
+            h, _, _ = block(h, self_mask, bias, encoded, cross_mask, None, past_key_values=cache)
+        h = dec.final_layer_norm(h[:, 0])
+        if getattr(self.model.config, "scale_decoder_outputs", False):
+            h = h * (self.model.model_dim ** -0.5)
+        return self.model.lm_head(h)
+
+    def _t5_bias(self, plens: torch.Tensor, pmax: int, step: int) -> torch.Tensor:
+        """[B, H, 1, Pmax + step + 1] self-attention bias of row i's query at P_i + step, with
+        prefix slot s at key position s and decoder token j at P_i + j (PEFT alone)."""
+        attn = self.decoder.block[0].layer[0].SelfAttention
+        slots = torch.arange(pmax + step + 1, device=plens.device)
+        prefix_pos = slots[None, :pmax].expand(len(plens), -1)  # padding slots are masked anyway
+        token_pos = plens[:, None] + torch.arange(step + 1, device=plens.device)
+        keys = torch.cat([prefix_pos, token_pos], dim=1)  # [B, K]
+        relative = keys - (plens + step)[:, None]
+        buckets = attn._relative_position_bucket(relative, bidirectional=False,
+                                                 num_buckets=attn.relative_attention_num_buckets,
+                                                 max_distance=attn.relative_attention_max_distance)
+        return attn.relative_attention_bias(buckets).permute(0, 2, 1)[:, :, None, :]  # [B, H, 1, K]
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """A float mask from a bool one: 0 where visible, the dtype's minimum elsewhere."""
+        zero = torch.zeros((), dtype=self.dtype, device=visible.device)
+        return torch.where(visible, zero, torch.finfo(self.dtype).min)
+
+    def _prefix_cache(self, kvs, pmax: int) -> DynamicCache:
+        """The decoder self-attention cache: layer l holds block (2l) % L of each row's prefix,
+        left-aligned in Pmax slots, zeros after (masked)."""
+        if pmax == 0:
+            return DynamicCache()
+        spec = self.spec
+        keys = torch.zeros((spec.num_layers, len(kvs), spec.num_kv_heads, pmax, spec.head_dim),
+                           dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        for i, kv in enumerate(kvs):
+            if kv is not None:
+                p = kv.shape[3]
+                kv = kv.to(self.device, self.dtype)
+                keys[:, i, :, :p] = kv[:, 0]
+                values[:, i, :, :p] = kv[:, 1]
+        blocks = [self.decoder_layer_block(layer) for layer in range(spec.num_layers)]
+        return DynamicCache([(keys[blk], values[blk]) for blk in blocks])
+
+    def _check_row(self, i: int, row: Seq2SeqInput):
+        """(input ids, kv or None, max_new_tokens) of row i, checked."""
+        ids = torch.as_tensor(row.input_ids, dtype=torch.long).flatten().cpu()
+        if ids.numel() == 0:
+            raise Seq2SeqError(f"row {i} has no input tokens")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.numel():
+            raise Seq2SeqError(f"row {i} has token id {int(bad[0])}; the vocabulary has {self.vocab_size}")
+        if ids.numel() > self.max_input_len:
+            raise Seq2SeqError(f"row {i} has {ids.numel()} input tokens; the encoder takes at most {self.max_input_len}")
+        limit = row.max_new_tokens
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise Seq2SeqError(f"row {i} has max_new_tokens {limit!r}; expected a positive integer")
+        kv = row.prefix
+        if isinstance(kv, Prefix):
+            if kv.spec != self.spec:
+                raise PrefixError(f"row {i}'s prefix was checked against another model "
+                                  f"(fingerprint {kv.spec.fingerprint}, this one {self.spec.fingerprint})")
+            kv = kv.kv
+        elif kv is not None:
+            validate_kv(kv, self.spec, f"row {i}'s prefix")
+        p = 0 if kv is None else int(kv.shape[3])
+        if self.max_decoder_positions is not None and p + limit > self.max_decoder_positions:
+            raise Seq2SeqError(f"row {i} needs decoder positions up to prefix {p} + max_new_tokens {limit} = "
+                               f"{p + limit}; the model has {self.max_decoder_positions}")
+        return ids, kv, limit
+
+
+def _generation_setting(model: torch.nn.Module, name: str) -> list[int]:
+    """Token ids as HF generate reads them: the generation config first, then the model config."""
+    value = getattr(getattr(model, "generation_config", None), name, None)
+    value = getattr(model.config, name, None) if value is None else value
+    if value is None or value == []:
+        raise Seq2SeqError(f"{type(model).__name__}'s config names no {name}")
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
