@@ -342,21 +342,8 @@ class AsyncEngine:
         if self.limits is None:
             self.connect()
         check_request(self.limits, token_ids, SamplingParams(max_tokens=1), prefix)  # raises RequestError
-        if request_id in self._sinks:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        sink: asyncio.Queue = asyncio.Queue()
-        self._sinks[request_id] = sink
-        cmd = ComputeKV(request_id, list(token_ids), self._payload(prefix))
-        self._inflight[request_id] = (cmd, prefix)
-        self._channel.send(cmd)
-        try:
-            item = await sink.get()
-        finally:
-            self._sinks.pop(request_id, None)
-            self._inflight.pop(request_id, None)
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        self._check_free(request_id)
+        return await self._one_answer(ComputeKV(request_id, list(token_ids), self._payload(prefix)), prefix)
 
     async def classify(self, request_id: str, rows: list[list[int]], prefix: Prefix | None = None
                        ) -> list[Classification]:
@@ -366,18 +353,25 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine loop stopped: {self._error}")
         if self.limits is None:
             self.connect()
+        self._check_free(request_id)  # before _payload: it marks the prefix as sent
+        return await self._one_answer(Classify(request_id, [list(r) for r in rows], self._payload(prefix)), prefix)
+
+    def _check_free(self, request_id: str) -> None:
         if request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
+
+    async def _one_answer(self, cmd: ComputeKV | Classify, prefix: Prefix | None):
+        """Send a command the core answers once (in StepBatch.kvs) and wait for that answer;
+        a command sent again with its prefix's tensor if the core asks (need_prefix)."""
         sink: asyncio.Queue = asyncio.Queue()
-        self._sinks[request_id] = sink
-        cmd = Classify(request_id, [list(r) for r in rows], self._payload(prefix))
-        self._inflight[request_id] = (cmd, prefix)
+        self._sinks[cmd.request_id] = sink
+        self._inflight[cmd.request_id] = (cmd, prefix)
         self._channel.send(cmd)
         try:
             item = await sink.get()
         finally:
-            self._sinks.pop(request_id, None)
-            self._inflight.pop(request_id, None)
+            self._sinks.pop(cmd.request_id, None)
+            self._inflight.pop(cmd.request_id, None)
         if isinstance(item, BaseException):
             raise item
         return item
