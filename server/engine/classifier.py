@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from server.engine.padded_prefixes import padded_prefix_kv
 from server.prefix import ClassifierHead, ModelKind, ModelSpec, Prefix, PrefixError, validate_kv
 from server.prefix.peft_format import SeqClsAdapter, check_head
 
@@ -152,15 +153,7 @@ class PrefixClassifier:
     def _cache(self, kvs, pmax: int) -> DynamicCache:
         """[B, Hkv, Pmax, hd] keys and values per layer, each row's prefix left-aligned, zeros after."""
         spec = self.spec
-        keys = torch.zeros((spec.num_layers, len(kvs), spec.num_kv_heads, pmax, spec.head_dim),
-                           dtype=self.dtype, device=self.device)
-        values = torch.zeros_like(keys)
-        for i, kv in enumerate(kvs):
-            if kv is not None:
-                p = kv.shape[3]
-                kv = kv.to(self.device, self.dtype)
-                keys[:, i, :, :p] = kv[:, 0]
-                values[:, i, :, :p] = kv[:, 1]
+        keys, values = padded_prefix_kv(kvs, spec, pmax, self.dtype, self.device)
         return DynamicCache([(keys[layer], values[layer]) for layer in range(spec.num_layers)])
 
     def _check_row(self, i: int, row: ClassifyInput):

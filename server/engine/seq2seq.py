@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from server.engine.padded_prefixes import padded_prefix_kv
 from server.prefix import ModelKind, ModelSpec, Prefix, PrefixError, model_fingerprint, validate_kv
 
 
@@ -221,15 +222,7 @@ class PrefixSeq2Seq:
         if pmax == 0:
             return DynamicCache()
         spec = self.spec
-        keys = torch.zeros((spec.num_layers, len(kvs), spec.num_kv_heads, pmax, spec.head_dim),
-                           dtype=self.dtype, device=self.device)
-        values = torch.zeros_like(keys)
-        for i, kv in enumerate(kvs):
-            if kv is not None:
-                p = kv.shape[3]
-                kv = kv.to(self.device, self.dtype)
-                keys[:, i, :, :p] = kv[:, 0]
-                values[:, i, :, :p] = kv[:, 1]
+        keys, values = padded_prefix_kv(kvs, spec, pmax, self.dtype, self.device)
         blocks = [self.decoder_layer_block(layer) for layer in range(spec.num_layers)]
         return DynamicCache([(keys[blk], values[blk]) for blk in blocks])
 
