@@ -40,6 +40,11 @@ class PrefixRecord:
     # version, and not counted in `bytes` nor in the tenant's quota. {}: none yet (and
     # prefixes stored before copies existed).
     serving_copies: dict[str, str] = field(default_factory=dict)
+    # A seq2seq prefix in the three-prefix form (codec.py): the lengths of its encoder and
+    # cross-attention parts, stored in the same file as the kv; 0 = no such part (and
+    # records stored before these fields existed).
+    encoder_tokens: int = 0
+    cross_tokens: int = 0
 
     @property
     def ref(self) -> PrefixRef:

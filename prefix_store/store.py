@@ -96,12 +96,16 @@ class PrefixStore:
             kind: str = "tuned", limits: TenantLimits | None = None,
             trained_after: tuple[PrefixRef, ...] | None = None,
             head: ClassifierHead | None = None,
-            serving_dtype: torch.dtype | None = None) -> tuple[PrefixRecord, bool]:
-        """Store kv [L, 2, Hkv, P, hd] (with a classification prefix's `head`, in the same
-        tensor file) as the new version of `prefix_id`; (record, created).
+            serving_dtype: torch.dtype | None = None,
+            encoder_kv: torch.Tensor | None = None,
+            cross_kv: torch.Tensor | None = None) -> tuple[PrefixRecord, bool]:
+        """Store kv [L, 2, Hkv, P, hd] (with a classification prefix's `head`, or a seq2seq
+        prefix's `encoder_kv` and `cross_kv` parts, in the same tensor file) as the new
+        version of `prefix_id`; (record, created).
         Given `serving_dtype` (the dtype the calling server serves in) other than kv's, a
-        copy cast to it is stored too (see the module's note); not for a prefix with a head,
-        which is read as stored (heads are applied in float32).
+        copy cast to it is stored too (see the module's note); not for a prefix with a head
+        or with seq2seq parts, which is read as stored (heads are applied in float32; the
+        seq2seq engine casts its parts).
 
         Raises TenantDeletedError when the tenant is being or was deleted, or, given
         `incarnation` (tenant_incarnation() read when the work started), when the tenant
@@ -120,19 +124,22 @@ class PrefixStore:
             raise ValueError(f"description has {len(description)} characters; the limit is "
                              f"{MAX_DESCRIPTION_CHARS}")
         head = None if head is None else head.on_host()  # stored (and counted) in float32
-        data, version = codec.encode(kv, head)
+        data, version = codec.encode(kv, head, encoder_kv, cross_kv)
+        parts = [t for t in (encoder_kv, cross_kv) if t is not None]
         copy = None  # (dtype name, bytes, version) of the serving copy
-        if serving_dtype is not None and serving_dtype != kv.dtype and head is None:
+        if serving_dtype is not None and serving_dtype != kv.dtype and head is None and not parts:
             copy = (codec.dtype_name(serving_dtype), *codec.encode(kv.to(serving_dtype)))
         layers, _, heads, plen, head_dim = kv.shape
         record = PrefixRecord(
             tenant=tenant, prefix_id=prefix_id, version=version, num_virtual_tokens=int(plen),
             num_layers=int(layers), num_kv_heads=int(heads), head_dim=int(head_dim),
             dtype=str(kv.dtype).removeprefix("torch."),
-            bytes=kv.numel() * kv.element_size() + (0 if head is None else head.nbytes),
+            bytes=sum(t.numel() * t.element_size() for t in (kv, *parts)) + (0 if head is None else head.nbytes),
             created_at=time.time(), description=description, model_fingerprint=model_fingerprint,
             shared=bool(shared), kind=kind,
-            trained_after=None if trained_after is None else tuple(trained_after))
+            trained_after=None if trained_after is None else tuple(trained_after),
+            encoder_tokens=0 if encoder_kv is None else int(encoder_kv.shape[3]),
+            cross_tokens=0 if cross_kv is None else int(cross_kv.shape[3]))
         index = self.keys.prefixes(tenant)
         marker = self.keys.incarnation(tenant)
         event = PrefixEvent("put", tenant, prefix_id, version)
@@ -192,11 +199,14 @@ class PrefixStore:
             f"prefix {prefix_id!r} of tenant {tenant!r}: metadata names version {record.version} "
             "but its tensor is missing (was it evicted? run Redis with maxmemory-policy noeviction)")
 
-    def get_version(self, tenant: str, prefix_id: str, version: str, with_head: bool = False):
+    def get_version(self, tenant: str, prefix_id: str, version: str, with_head: bool = False,
+                    with_parts: bool = False):
         """The tensor of exactly this version (also shortly after it was replaced), or None;
-        with_head: (kv, its classifier head or None), or None."""
+        with_head: (kv, its classifier head or None), or None; with_parts: every tensor of the
+        file as a codec.StoredTensors (kv, head, encoder_kv, cross_kv), or None."""
         key = self.keys.tensor(tenant, prefix_id, validate_version(version))
-        return self._read(key, version, f"prefix {prefix_id!r} of tenant {tenant!r}", with_head)
+        what = f"prefix {prefix_id!r} of tenant {tenant!r}"
+        return self._read(key, version, what, "all" if with_parts else "head" if with_head else "kv")
 
     def get_serving(self, record: PrefixRecord, dtype: torch.dtype | None) -> torch.Tensor | None:
         """The kv of `record`'s version in `dtype` (None: as stored); None when the version
@@ -226,10 +236,10 @@ class PrefixStore:
             self._add_serving_copy(record, kv)
         return kv
 
-    def _read(self, key: str, version: str, what: str, with_head: bool = False):
+    def _read(self, key: str, version: str, what: str, tensors: str = "kv"):
         """The tensor under `key`, refused unless its bytes hash to `version` (hashed once
-        per process for the same key, version and length: verified_versions.py); with_head:
-        (kv, its classifier head or None)."""
+        per process for the same key, version and length: verified_versions.py); tensors
+        "head": (kv, its classifier head or None); "all": a codec.StoredTensors."""
         with self._guard():
             data = self._r.get(key)
         if data is None:
@@ -238,7 +248,7 @@ class PrefixStore:
             if not self.verified.contains(key, version, len(data)):
                 codec.check_version(data, version)
                 self.verified.add(key, version, len(data))
-            return codec.load_parts(data) if with_head else codec.load(data)
+            return {"kv": codec.load, "head": codec.load_parts, "all": codec.load_all}[tensors](data)
         except ValueError as e:
             raise StoreIntegrityError(f"{what}: {e}") from e
 

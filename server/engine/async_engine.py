@@ -392,7 +392,7 @@ class AsyncEngine:
         if prefix.key in self._core_has and not force:
             return PrefixPayload(prefix.key, prefix.refs, None)
         self._core_has.add(prefix.key)
-        return PrefixPayload(prefix.key, prefix.refs, prefix.kv, prefix.head)
+        return PrefixPayload(prefix.key, prefix.refs, prefix.kv, prefix.head, prefix.encoder_kv, prefix.cross_kv)
 
     # ---- on the event loop: what the core sent
 

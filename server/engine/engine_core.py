@@ -40,6 +40,8 @@ class PrefixPayload:
     refs: tuple[PrefixRef, ...]
     kv: torch.Tensor | None  # None: the core has this key already
     head: ClassifierHead | None = None  # a classification prefix's own head (seq_cls models)
+    encoder_kv: torch.Tensor | None = None  # Prefix.encoder_kv (seq2seq three-prefix form)
+    cross_kv: torch.Tensor | None = None  # Prefix.cross_kv (seq2seq three-prefix form)
 
 
 @dataclass
@@ -190,7 +192,8 @@ class EngineCore:
             return prefix
         if payload.kv is None:
             return None
-        prefix = Prefix(kv=payload.kv, spec=self.engine.spec, refs=payload.refs)
+        prefix = Prefix(kv=payload.kv, spec=self.engine.spec, refs=payload.refs,
+                        encoder_kv=payload.encoder_kv, cross_kv=payload.cross_kv)
         if not payload.refs:  # anonymous: keep its own key, which the API knows it by
             prefix = replace(prefix, serial=payload.key[1])
         self._prefixes[payload.key] = prefix

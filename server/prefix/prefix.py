@@ -8,6 +8,11 @@ Semantics (docs/architecture.md, reproduced from HF PEFT's PREFIX_TUNING):
 - every query attends to all P prefix slots, then causally to the request's own tokens;
 - several prefixes compose by concatenation along prefix_len.
 
+A seq2seq prefix may also carry, in the same layout with its own length, an encoder
+self-attention part and a cross-attention part (the three-prefix form of Li & Liang's BART
+code; semantics in server/engine/seq2seq.py and docs/peft-prefix-format.md); `kv` is then
+the decoder self-attention part, exactly as in a PEFT SEQ_2_SEQ_LM adapter.
+
 # NOTE: a Prefix is checked once, when it is made from outside data (`Prefix.make`: shape,
 # dtype, finite values, context length); everything after that trusts it. Its `spec`
 # says which model it was checked against, so an engine refuses one made for another
@@ -50,17 +55,29 @@ class Prefix:
     refs: tuple[PrefixRef, ...] = field(default_factory=tuple)  # () for an anonymous prefix
     serial: int = field(default_factory=lambda: next(_anonymous_ids), repr=False)  # identity of an anonymous one
     head: ClassifierHead | None = None  # a SEQ_CLS prefix's own classifier head (float32), if it has one
+    encoder_kv: torch.Tensor | None = None  # [L, 2, Hkv, P_enc, hd]: seq2seq encoder self-attention part, if any
+    cross_kv: torch.Tensor | None = None  # [L, 2, Hkv, P_cross, hd]: seq2seq cross-attention part, if any
 
     @classmethod
     def make(cls, kv: torch.Tensor, spec: ModelSpec, refs: tuple[PrefixRef, ...] = (),
-             dtype: torch.dtype | None = None, head: ClassifierHead | None = None) -> "Prefix":
-        """Check `kv` against `spec` (raises PrefixError naming the numbers) and keep a
-        contiguous host copy, cast to `dtype` when given (a head stays float32)."""
+             dtype: torch.dtype | None = None, head: ClassifierHead | None = None,
+             encoder_kv: torch.Tensor | None = None, cross_kv: torch.Tensor | None = None) -> "Prefix":
+        """Check `kv` (and the parts given) against `spec` (raises PrefixError naming the
+        numbers) and keep contiguous host copies, cast to `dtype` when given (a head stays float32)."""
         validate_kv(kv, spec)
         if head is not None and spec.kind is not ModelKind.SEQ_CLS:
             raise PrefixError(f"a prefix with a classifier head needs a seq_cls model; this one is {spec.kind.value}")
-        kv = kv.detach().to("cpu", dtype or kv.dtype).contiguous()
-        return cls(kv=kv, spec=spec, refs=tuple(refs), head=None if head is None else head.on_host())
+        dtype = dtype or kv.dtype
+        parts = {}
+        for name, part in (("encoder_kv", encoder_kv), ("cross_kv", cross_kv)):
+            if part is None:
+                continue
+            if spec.kind is not ModelKind.SEQ2SEQ_LM:
+                raise PrefixError(f"a prefix with {name} needs a seq2seq_lm model; this one is {spec.kind.value}")
+            validate_kv(part, spec, f"prefix {name}")
+            parts[name] = part.detach().to("cpu", dtype).contiguous()
+        kv = kv.detach().to("cpu", dtype).contiguous()
+        return cls(kv=kv, spec=spec, refs=tuple(refs), head=None if head is None else head.on_host(), **parts)
 
     @property
     def length(self) -> int:
@@ -73,8 +90,17 @@ class Prefix:
         return self.refs if self.refs else ("anonymous", self.serial)
 
     @property
+    def encoder_length(self) -> int:
+        return 0 if self.encoder_kv is None else int(self.encoder_kv.shape[3])
+
+    @property
+    def cross_length(self) -> int:
+        return 0 if self.cross_kv is None else int(self.cross_kv.shape[3])
+
+    @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + (0 if self.head is None else self.head.nbytes)
+        parts = [t for t in (self.kv, self.encoder_kv, self.cross_kv) if t is not None]
+        return sum(t.numel() * t.element_size() for t in parts) + (0 if self.head is None else self.head.nbytes)
 
 
 def validate_kv(kv: torch.Tensor, spec: ModelSpec, what: str = "prefix") -> None:
@@ -122,4 +148,10 @@ def compose(parts: list[Prefix]) -> Prefix:
         raise PrefixError(f"the composed prefixes have {total} slots; the model's context is {spec.max_model_len}")
     dtype = parts[0].kv.dtype
     kv = torch.cat([p.kv.to(dtype) for p in parts], dim=3)
-    return Prefix(kv=kv, spec=spec, refs=tuple(r for p in parts for r in p.refs))
+
+    def joined(name: str) -> torch.Tensor | None:  # each seq2seq part concatenates on its own
+        present = [getattr(p, name).to(dtype) for p in parts if getattr(p, name) is not None]
+        return torch.cat(present, dim=3) if present else None
+
+    return Prefix(kv=kv, spec=spec, refs=tuple(r for p in parts for r in p.refs),
+                  encoder_kv=joined("encoder_kv"), cross_kv=joined("cross_kv"))
