@@ -17,13 +17,30 @@ in their code and checked by tests/engine/test_seq2seq.py):
   0 .. P + d (prefix slot s at s, decoder token j at P + j): between decoder tokens the
   bias is that of no prefix (j - d), and prefix slot s is at distance -(P + d - s).
 
+The three-prefix form (ours, Li & Liang's BART code; docs/peft-prefix-format.md): a Prefix
+may also carry `encoder_kv` [L, 2, H, P_enc, hd] and `cross_kv` [L, 2, H, P_cross, hd]; `kv`
+stays the decoder self-attention part above, with PEFT's block mapping (2l) % L, so the
+decoder part of any prefix is exactly a PEFT adapter.
+
+- encoder part: block l gives encoder layer l's self-attention P_enc extra keys/values,
+  before the tokens'; every encoder query sees all of them (bidirectional, like the tokens).
+  The token positions are unchanged (BART: learned positions 0 .. S-1). T5, following the
+  decoder part: prefix slot s sits at key position s and encoder token i at P_enc + i, so
+  between tokens the bias is that of no prefix (j - i) and slot s is at distance
+  -(P_enc + i - s), bucketed bidirectionally as the encoder's own bias is;
+- cross part: block l is prepended to the cross-attention keys/values of decoder layer l
+  (the encoder outputs' projections); every decoder query sees all of them. Cross-attention
+  has no positions in BART or T5 (T5's cross bias is zero), so no position is involved.
+
 A batch mixes rows with different prefixes (each its own P, or none) and input lengths. The
 encoder runs once for the whole batch (inputs right-padded and masked). The decoder then
 feeds one token per row per step: prefixes are left-aligned in a [B, H, Pmax, hd]
 self-attention cache, the padding after each is masked, and BART positions and T5 biases
 are computed per row from that row's P, so each row gets the logits it would get alone.
-The cross-attention keys and values of every layer are computed at the first step and read
-from the cache afterwards (transformers' EncoderDecoderCache). Decoding is greedy and stops
+The encoder parts are left-aligned in Pmax_enc extra slots per encoder layer and the cross
+parts in Pmax_cross slots before each row's encoder keys, padding masked in both. The
+cross-attention keys and values of every layer are computed once, before the first step
+(`_cross_attention`), and read from the cache (transformers' EncoderDecoderCache). Decoding is greedy and stops
 at eos or at the row's max_new_tokens.
 """
 
@@ -48,7 +65,7 @@ class Seq2SeqInput:
     """One row: encoder token ids (no padding), its prefix (or none) and how many tokens to generate."""
 
     input_ids: Sequence[int] | torch.Tensor
-    prefix: Prefix | torch.Tensor | None = None  # kv [L, 2, H, P, hd]
+    prefix: Prefix | torch.Tensor | None = None  # kv [L, 2, H, P, hd]; a Prefix may carry encoder/cross parts
     max_new_tokens: int = 16
 
 
@@ -124,22 +141,13 @@ class PrefixSeq2Seq:
         if not batch:
             return []
         rows = [self._check_row(i, row) for i, row in enumerate(batch)]
-        ids, kvs, limits = zip(*rows)
+        ids, kvs, limits, encoder_kvs, cross_kvs = zip(*rows)
         b, dev = len(rows), self.device
         plens = torch.tensor([0 if kv is None else int(kv.shape[3]) for kv in kvs])
         pmax, steps = int(plens.max()), max(limits)
 
-        # The encoder, once: right-padded inputs, padding masked (its outputs there are never read).
-        smax = max(len(x) for x in ids)
-        enc_ids = torch.full((b, smax), self.pad_token_id, dtype=torch.long)
-        enc_mask = torch.zeros((b, smax), dtype=torch.bool)
-        for i, x in enumerate(ids):
-            enc_ids[i, :len(x)] = x
-            enc_mask[i, :len(x)] = True
-        enc_mask = enc_mask.to(dev)
-        encoded = self.encoder(input_ids=enc_ids.to(dev), attention_mask=enc_mask.long(),
-                               return_dict=True).last_hidden_state
-        cross_mask = self._additive(enc_mask[:, None, None, :])  # [B, 1, 1, S]
+        encoded, enc_mask = self._encode(ids, encoder_kvs)
+        cross_cache, cross_mask = self._cross_attention(encoded, enc_mask, cross_kvs)
 
         # Decoder self-attention slots: Pmax prefix slots (row i's first P_i are real), then one per step.
         visible = torch.zeros((b, pmax + steps), dtype=torch.bool)
@@ -148,7 +156,7 @@ class PrefixSeq2Seq:
             visible[i, :p] = True
         visible = visible.to(dev)
         plens = plens.to(dev)
-        cache = EncoderDecoderCache(self._prefix_cache(kvs, pmax), DynamicCache())
+        cache = EncoderDecoderCache(self._prefix_cache(kvs, pmax), cross_cache)
 
         tokens = torch.full((b,), self.decoder_start_token_id, dtype=torch.long, device=dev)
         out_ids: list[list[int]] = [[] for _ in range(b)]
@@ -197,6 +205,86 @@ class PrefixSeq2Seq:
             h = h * (self.model.model_dim ** -0.5)
         return self.model.lm_head(h)
 
+    # ---- the encoder and the cross-attention keys/values, once per batch
+
+    def _encode(self, ids, encoder_kvs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder outputs [B, S, d], token mask [B, S] bool): right-padded inputs, padding
+        masked (the outputs there are never read); with encoder parts, every layer's
+        self-attention also sees each row's own (`_encode_with_prefixes`)."""
+        b, smax = len(ids), max(len(x) for x in ids)
+        enc_ids = torch.full((b, smax), self.pad_token_id, dtype=torch.long)
+        enc_mask = torch.zeros((b, smax), dtype=torch.bool)
+        for i, x in enumerate(ids):
+            enc_ids[i, :len(x)] = x
+            enc_mask[i, :len(x)] = True
+        enc_ids, enc_mask = enc_ids.to(self.device), enc_mask.to(self.device)
+        if all(kv is None for kv in encoder_kvs):
+            encoded = self.encoder(input_ids=enc_ids, attention_mask=enc_mask.long(), return_dict=True).last_hidden_state
+            return encoded, enc_mask
+        return self._encode_with_prefixes(enc_ids, enc_mask, encoder_kvs), enc_mask
+
+    def _encode_with_prefixes(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor, encoder_kvs) -> torch.Tensor:
+        """The encoder's layers, each layer l's self-attention with row i's encoder block l
+        (left-aligned in Pmax slots, padding masked) as a cache before the tokens' keys."""
+        plens, slot_visible, keys, values = self._padded_part(encoder_kvs)
+        cache = DynamicCache([(keys[layer], values[layer]) for layer in range(self.spec.num_layers)])
+        mask = self._additive(torch.cat([slot_visible, enc_mask], dim=1)[:, None, None, :])  # [B, 1, 1, Pmax + S]
+        enc = self.encoder
+        if self.arch == "bart":
+            h = enc.embed_tokens(enc_ids) + enc.embed_positions(enc_ids).to(self.dtype)  # positions 0 .. S-1
+            h = enc.layernorm_embedding(h)
+            for layer in enc.layers:
+                h = layer(h, mask, past_key_values=cache)
+            return h
+        h = enc.embed_tokens(enc_ids)
+        bias = self._t5_encoder_bias(plens, int(slot_visible.shape[1]), enc_ids.shape[1])
+        for block in enc.block:
+            h = block(h, mask, bias, past_key_values=cache)[0]
+        return enc.final_layer_norm(h)
+
+    def _t5_encoder_bias(self, plens: torch.Tensor, pmax: int, seq_len: int) -> torch.Tensor:
+        """[B, H, S, Pmax + S] encoder self-attention bias: prefix slot s at key position s,
+        token i at P_i + i (so between tokens, j - i as without a prefix), bidirectional buckets."""
+        attn = self.encoder.block[0].layer[0].SelfAttention
+        dev = plens.device
+        tokens = plens[:, None] + torch.arange(seq_len, device=dev)  # [B, S]
+        keys = torch.cat([torch.arange(pmax, device=dev)[None].expand(len(plens), -1), tokens], dim=1)  # [B, K]
+        relative = keys[:, None, :] - tokens[:, :, None]  # [B, S, K]
+        buckets = attn._relative_position_bucket(relative, bidirectional=True,
+                                                 num_buckets=attn.relative_attention_num_buckets,
+                                                 max_distance=attn.relative_attention_max_distance)
+        return attn.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [B, H, S, K]
+
+    def _cross_attention(self, encoded: torch.Tensor, enc_mask: torch.Tensor, cross_kvs) -> tuple[DynamicCache, torch.Tensor]:
+        """(cross-attention cache, mask [B, 1, 1, Pmax + S]): decoder layer l's keys/values are
+        row i's cross block l (left-aligned in Pmax slots, padding masked) and then the
+        projections of the encoder outputs, computed here once for the whole generate."""
+        b, seq_len = enc_mask.shape
+        _, slot_visible, keys, values = self._padded_part(cross_kvs)
+        layers = []
+        for layer in range(self.spec.num_layers):
+            if self.arch == "bart":
+                attn = self.decoder.layers[layer].encoder_attn
+                k_proj, v_proj = attn.k_proj, attn.v_proj
+            else:
+                attn = self.decoder.block[layer].layer[1].EncDecAttention
+                k_proj, v_proj = attn.k, attn.v
+            shape = (b, seq_len, self.spec.num_kv_heads, self.spec.head_dim)
+            k = k_proj(encoded).view(shape).transpose(1, 2)  # [B, H, S, hd]
+            v = v_proj(encoded).view(shape).transpose(1, 2)
+            layers.append((torch.cat([keys[layer], k], dim=2), torch.cat([values[layer], v], dim=2)))
+        mask = self._additive(torch.cat([slot_visible, enc_mask], dim=1)[:, None, None, :])
+        return DynamicCache(layers), mask
+
+    def _padded_part(self, parts):
+        """(lengths [B], slot visibility [B, Pmax] bool, keys and values [L, B, H, Pmax, hd])
+        of one part (encoder or cross) of each row, left-aligned; Pmax = 0 when no row has one."""
+        plens = torch.tensor([0 if kv is None else int(kv.shape[3]) for kv in parts], device=self.device)
+        pmax = int(plens.max())
+        visible = torch.arange(pmax, device=self.device)[None, :] < plens[:, None]
+        keys, values = padded_prefix_kv(parts, self.spec, pmax, self.dtype, self.device)
+        return plens, visible, keys, values
+
     def _t5_bias(self, plens: torch.Tensor, pmax: int, step: int) -> torch.Tensor:
         """[B, H, 1, Pmax + step + 1] self-attention bias of row i's query at P_i + step, with
         prefix slot s at key position s and decoder token j at P_i + j (PEFT alone)."""
@@ -227,7 +315,8 @@ class PrefixSeq2Seq:
         return DynamicCache([(keys[blk], values[blk]) for blk in blocks])
 
     def _check_row(self, i: int, row: Seq2SeqInput):
-        """(input ids, kv or None, max_new_tokens) of row i, checked."""
+        """(input ids, kv or None, max_new_tokens, encoder part or None, cross part or None)
+        of row i, checked."""
         ids = torch.as_tensor(row.input_ids, dtype=torch.long).flatten().cpu()
         if ids.numel() == 0:
             raise Seq2SeqError(f"row {i} has no input tokens")
@@ -239,19 +328,19 @@ class PrefixSeq2Seq:
         limit = row.max_new_tokens
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise Seq2SeqError(f"row {i} has max_new_tokens {limit!r}; expected a positive integer")
-        kv = row.prefix
+        kv, encoder_kv, cross_kv = row.prefix, None, None
         if isinstance(kv, Prefix):
             if kv.spec != self.spec:
                 raise PrefixError(f"row {i}'s prefix was checked against another model "
                                   f"(fingerprint {kv.spec.fingerprint}, this one {self.spec.fingerprint})")
-            kv = kv.kv
+            kv, encoder_kv, cross_kv = kv.kv, kv.encoder_kv, kv.cross_kv
         elif kv is not None:
             validate_kv(kv, self.spec, f"row {i}'s prefix")
         p = 0 if kv is None else int(kv.shape[3])
         if self.max_decoder_positions is not None and p + limit > self.max_decoder_positions:
             raise Seq2SeqError(f"row {i} needs decoder positions up to prefix {p} + max_new_tokens {limit} = "
                                f"{p + limit}; the model has {self.max_decoder_positions}")
-        return ids, kv, limit
+        return ids, kv, limit, encoder_kv, cross_kv
 
 
 def _generation_setting(model: torch.nn.Module, name: str) -> list[int]:
