@@ -5,6 +5,16 @@
 The folder holds adapter_config.json + adapter_model.safetensors (HF PEFT PREFIX_TUNING,
 loadable by PeftModel.from_pretrained and uploadable to a server) and training.json (the
 settings and the losses).
+
+With a seq2seq model folder (BART, T5) it trains the three-prefix form instead (decoder,
+encoder and cross-attention parts, server/training/seq2seq_trainer.py):
+
+    prefix-serve train --model my_bart/ --data train.jsonl --out my-prefix/ --encoder-tokens 10 \
+        --cross-tokens 10 --export-peft my-prefix-peft/
+
+--out then holds prefix.safetensors (our three-prefix file, docs/peft-prefix-format.md) and
+training.json; --export-peft writes what PEFT can represent, the decoder part, as a
+SEQ_2_SEQ_LM adapter folder.
 """
 
 from __future__ import annotations
@@ -39,11 +49,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--encoder-tokens", type=int, default=None,
+                        help="seq2seq only: length of the encoder part (default: --num-virtual-tokens; 0 = none)")
+    parser.add_argument("--cross-tokens", type=int, default=None,
+                        help="seq2seq only: length of the cross-attention part (default: --num-virtual-tokens; 0 = none)")
+    parser.add_argument("--export-peft", default=None, metavar="DIR",
+                        help="seq2seq only: also write the decoder part as a PEFT SEQ_2_SEQ_LM adapter folder")
+
+
+SEQ2SEQ_FILE = "prefix.safetensors"  # the three-prefix form, as prefix_store.codec writes it
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
+
+    if args.model is not None and _is_seq2seq(args.model):
+        return run_seq2seq(args)
+    if args.encoder_tokens is not None or args.cross_tokens is not None or args.export_peft is not None:
+        print("prefix-serve train: --encoder-tokens, --cross-tokens and --export-peft are for seq2seq models "
+              "(BART, T5); this model's adapter in --out is already a PEFT folder", file=sys.stderr)
+        return 2
 
     from server.engine.model_loader import load_model
     from server.prefix import ModelSpec
@@ -101,4 +127,85 @@ def run(args: argparse.Namespace) -> int:
     (Path(out) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} in {result.seconds:.1f}s; "
           f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _is_seq2seq(folder: str) -> bool:
+    from server.engine.model_loader import model_kind
+    from server.prefix import ModelKind
+
+    try:
+        return model_kind(folder) is ModelKind.SEQ2SEQ_LM
+    except (OSError, ValueError):
+        return False  # not a readable HF folder: the causal path says so
+
+
+def run_seq2seq(args: argparse.Namespace) -> int:
+    """Train a three-prefix on a BART or T5 folder; see the module's docstring."""
+    from tqdm import tqdm
+    from transformers import AutoModelForSeq2SeqLM
+
+    from prefix_store import codec
+    from server.engine.model_loader import load_tokenizer, resolve_device, resolve_dtype
+    from server.engine.seq2seq import PrefixSeq2Seq, Seq2SeqError
+    from server.prefix.peft_format import write_adapter
+    from server.training.data import read_examples
+    from server.training.seq2seq_trainer import Seq2SeqTrainConfig, tokenize_seq2seq, train_three_prefix
+
+    p = args.num_virtual_tokens
+    try:
+        config = Seq2SeqTrainConfig(num_virtual_tokens=p, encoder_tokens=p if args.encoder_tokens is None
+                                    else args.encoder_tokens, cross_tokens=p if args.cross_tokens is None
+                                    else args.cross_tokens, steps=args.steps, learning_rate=args.lr,
+                                    batch_size=args.batch_size, mid_dim=args.mid_dim, init_text=args.init_text,
+                                    seed=args.seed)
+        examples = read_examples(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"prefix-serve train: {e}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    device = resolve_device(args.device)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device)).to(device)
+    tokenizer = load_tokenizer(args.model)
+    try:
+        engine = PrefixSeq2Seq(model)
+        [eos, *_] = sorted(engine.eos_token_ids)
+        data = tokenize_seq2seq(tokenizer, examples, eos)
+    except (ValueError, Seq2SeqError) as e:
+        print(f"prefix-serve train: {e}", file=sys.stderr)
+        return 2
+    print(f"training decoder {config.num_virtual_tokens}, encoder {config.encoder_tokens} and cross "
+          f"{config.cross_tokens} virtual tokens on {len(data)} examples from {args.data} ({args.model}, "
+          f"{engine.spec.num_layers} layers)", file=sys.stderr)
+    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(step: int, total: int, loss: float) -> bool:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        return True
+
+    try:
+        result = train_three_prefix(engine, data, config, tokenizer=tokenizer, progress=progress)
+    except KeyboardInterrupt:
+        print("\nprefix-serve train: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_bytes, version = codec.encode(result.kv, encoder_kv=result.encoder_kv, cross_kv=result.cross_kv)
+    (out / SEQ2SEQ_FILE).write_bytes(data_bytes)
+    if args.export_peft is not None:
+        write_adapter(result.kv, args.export_peft, engine.spec, mid_dim=config.mid_dim,
+                      base_model_name_or_path=str(args.model))
+    summary = {
+        "data": str(args.data), "examples": len(data), "model": str(args.model), "config": asdict(config),
+        "version": version, "steps_done": len(result.losses), "seconds": round(result.seconds, 2),
+        "first_loss": result.losses[0], "final_loss": result.losses[-1], "losses": result.losses,
+        "peft_export": args.export_peft,
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} in {result.seconds:.1f}s; wrote {out}"
+          + (f" and {args.export_peft}" if args.export_peft else ""), file=sys.stderr)
     return 0

@@ -40,7 +40,7 @@ are computed per row from that row's P, so each row gets the logits it would get
 The encoder parts are left-aligned in Pmax_enc extra slots per encoder layer and the cross
 parts in Pmax_cross slots before each row's encoder keys, padding masked in both. The
 cross-attention keys and values of every layer are computed once, before the first step
-(`_cross_attention`), and read from the cache (transformers' EncoderDecoderCache). Decoding is greedy and stops
+(`cross_attention`), and read from the cache (transformers' EncoderDecoderCache). Decoding is greedy and stops
 at eos or at the row's max_new_tokens.
 """
 
@@ -146,8 +146,8 @@ class PrefixSeq2Seq:
         plens = torch.tensor([0 if kv is None else int(kv.shape[3]) for kv in kvs])
         pmax, steps = int(plens.max()), max(limits)
 
-        encoded, enc_mask = self._encode(ids, encoder_kvs)
-        cross_cache, cross_mask = self._cross_attention(encoded, enc_mask, cross_kvs)
+        encoded, enc_mask = self.encode(ids, encoder_kvs)
+        cross_cache, cross_mask = self.cross_attention(encoded, enc_mask, cross_kvs)
 
         # Decoder self-attention slots: Pmax prefix slots (row i's first P_i are real), then one per step.
         visible = torch.zeros((b, pmax + steps), dtype=torch.bool)
@@ -207,7 +207,7 @@ class PrefixSeq2Seq:
 
     # ---- the encoder and the cross-attention keys/values, once per batch
 
-    def _encode(self, ids, encoder_kvs) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, ids, encoder_kvs) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder outputs [B, S, d], token mask [B, S] bool): right-padded inputs, padding
         masked (the outputs there are never read); with encoder parts, every layer's
         self-attention also sees each row's own (`_encode_with_prefixes`)."""
@@ -255,7 +255,7 @@ class PrefixSeq2Seq:
                                                  max_distance=attn.relative_attention_max_distance)
         return attn.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [B, H, S, K]
 
-    def _cross_attention(self, encoded: torch.Tensor, enc_mask: torch.Tensor, cross_kvs) -> tuple[DynamicCache, torch.Tensor]:
+    def cross_attention(self, encoded: torch.Tensor, enc_mask: torch.Tensor, cross_kvs) -> tuple[DynamicCache, torch.Tensor]:
         """(cross-attention cache, mask [B, 1, 1, Pmax + S]): decoder layer l's keys/values are
         row i's cross block l (left-aligned in Pmax slots, padding masked) and then the
         projections of the encoder outputs, computed here once for the whole generate."""

@@ -117,7 +117,10 @@ def check_adapter_config(config: dict, spec: ModelSpec, kind: ModelKind | None =
 def adapter_config(spec: ModelSpec, num_virtual_tokens: int, mid_dim: int,
                    base_model_name_or_path: str | None = None) -> dict:
     """What `get_peft_model(model, PrefixTuningConfig(prefix_projection=True)).save_pretrained()`
-    writes (peft 0.21.2)."""
+    writes (peft 0.21.2); for a seq2seq_lm spec, with task_type SEQ_2_SEQ_LM (two transformer
+    submodules; PEFT's num_layers, heads and token_dim are the encoder's, which PrefixSeq2Seq
+    requires to equal the decoder's)."""
+    seq2seq = spec.kind is ModelKind.SEQ2SEQ_LM
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
@@ -127,13 +130,13 @@ def adapter_config(spec: ModelSpec, num_virtual_tokens: int, mid_dim: int,
         "modules_to_save": None,
         "num_attention_heads": spec.num_kv_heads,
         "num_layers": spec.num_layers,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 2 if seq2seq else 1,
         "num_virtual_tokens": num_virtual_tokens,
         "peft_type": "PREFIX_TUNING",
         "peft_version": PEFT_VERSION,
         "prefix_projection": True,
         "revision": None,
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         "token_dim": spec.peft_token_dim(),
     }
 
