@@ -40,8 +40,8 @@ are computed per row from that row's P, so each row gets the logits it would get
 The encoder parts are left-aligned in Pmax_enc extra slots per encoder layer and the cross
 parts in Pmax_cross slots before each row's encoder keys, padding masked in both. The
 cross-attention keys and values of every layer are computed once, before the first step
-(`cross_attention`), and read from the cache (transformers' EncoderDecoderCache). Decoding is greedy and stops
-at eos or at the row's max_new_tokens.
+(`cross_attention`), and read from the cache (transformers' EncoderDecoderCache). Decoding
+is greedy and stops at eos or at the row's max_new_tokens.
 """
 
 from __future__ import annotations
