@@ -141,7 +141,9 @@ def test_streaming_gives_the_same_tokens(s2s_server, tokenizer):
                 want, skip_special_tokens=True)
 
 
-def test_routes_for_other_kinds_say_which_kind_is_loaded(s2s_server):
+def test_serve_takes_a_seq2seq_folder_and_other_kinds_routes_say_which_kind_is_loaded(s2s_server):
+    """serve used to refuse a seq2seq folder (exit 2); now /v1/models names its kind, and the
+    routes of causal and seq_cls models answer 400 wrong_model_kind."""
     server, _, _, name = s2s_server
     with server.client() as c:
         for path, body in (("/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}]}),
