@@ -92,7 +92,8 @@ def _check_seq2seq(limits: EngineLimits, prompt_token_ids: list[int], sampling: 
     if need > limits.num_blocks:
         raise RequestError(f"request needs {need} token slots (prompt {n} + prefix {p} + max_tokens "
                            f"{sampling.max_tokens}); the engine holds {limits.num_blocks}")
-    unsupported = [name for name, on in (("n > 1", sampling.n > 1), ("prompt_logprobs", sampling.prompt_logprobs is not None),
+    unsupported = [name for name, on in (("n > 1", sampling.n > 1),
+                                         ("prompt_logprobs", sampling.prompt_logprobs is not None),
                                          ("structured output", sampling.guided_regex is not None)) if on]
     if unsupported:
         raise RequestError(f"{', '.join(unsupported)}: not supported for encoder-decoder models yet")
