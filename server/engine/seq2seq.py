@@ -391,12 +391,10 @@ class PrefixSeq2Seq:
             if getattr(self.model.config, "scale_decoder_outputs", False):
                 h = h * (self.model.model_dim ** -0.5)
             logits = self.model.lm_head(h)
-        for layer in range(spec.num_layers):
-            new = cache.self_attention_cache.layers[layer]
-            for i, s in enumerate(states):
-                s.own[layer, 0, :, s.length] = new.keys[i, :, kmax]
-                s.own[layer, 1, :, s.length] = new.values[i, :, kmax]
-        for s in states:
+        layers = cache.self_attention_cache.layers
+        new = torch.stack([torch.stack([layer.keys[:, :, kmax], layer.values[:, :, kmax]]) for layer in layers])
+        for i, s in enumerate(states):  # new: [L, 2, B, H, hd], the new token's slot of every row
+            s.own[:, :, :, s.length] = new[:, :, i]
             s.length += 1
         return logits
 
