@@ -66,6 +66,10 @@ def s2s_server(request, tmp_path_factory, redis_server, tokenizer):
             for prefix_id, (data, _) in adapters.items():
                 r = upload(c, prefix_id, data)
                 assert r.status_code in (200, 201), r.text
+            # The first step loads the CPU kernels (kernels/cpu_ops.py), which may wait for another
+            # process's build of them in the shared cache: that wait is not the test's.
+            r = c.post("/v1/generate", json={"prompt": "warm up", "max_tokens": 1}, timeout=900)
+            assert r.status_code == 200, r.text
         yield server, base, adapters, model_dir.name
     finally:
         server.stop()
