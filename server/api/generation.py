@@ -37,7 +37,7 @@ from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.request import RequestError
 from server.engine.sampling_params import SamplingParams
 from server.engine.tokenization import ChatMessage, encode_text, render_chat
-from server.prefix import USER_PREFIX, Prefix
+from server.prefix import USER_PREFIX, ModelKind, Prefix
 
 
 @dataclass
@@ -103,7 +103,9 @@ async def prepare(ctx: ServerContext, caller: Caller, *, names: list[str],
     for i, prompt_ids in enumerate(inputs):
         tokens = max_tokens
         if tokens is None:  # fill the context (OpenAI chat's default), up to the server's limit
-            tokens = max(1, ctx.spec.max_model_len - len(prompt_ids) - (prefix.length if prefix else 0))
+            # (an encoder-decoder's prompt takes encoder positions, not decoder ones)
+            prompt_len = 0 if ctx.spec.kind is ModelKind.SEQ2SEQ_LM else len(prompt_ids)
+            tokens = max(1, ctx.spec.max_model_len - prompt_len - (prefix.length if prefix else 0))
             tokens = min(tokens, limit) if limit is not None else tokens
         try:
             sampling = SamplingParams(max_tokens=tokens, temperature=fields.temperature, top_p=fields.top_p,

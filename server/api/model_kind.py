@@ -1,7 +1,8 @@
 """Which routes fit the loaded base model's kind, and the 400 for those that do not.
 
 One server serves one base model (`serve --model FOLDER` takes whichever kind the folder
-holds): a causal LM generates, a seq_cls encoder classifies. A route for another kind
+holds): a causal LM generates and chats, an encoder-decoder (seq2seq_lm) generates from a
+prompt (its encoder's input), a seq_cls encoder classifies. A route for another kind
 answers 400 `wrong_model_kind`, naming the kind loaded and the routes that work with it.
 """
 
@@ -18,7 +19,7 @@ ROUTES_OF = {
     ModelKind.CAUSAL_LM: ("/v1/generate", "/v1/completions", "/v1/chat/completions",
                           "/v1/users/{user_id}/personalize", "PUT /v1/prefixes/{id} with a prompt (JSON)"),
     ModelKind.SEQ_CLS: ("/v1/classify",),
-    ModelKind.SEQ2SEQ_LM: (),
+    ModelKind.SEQ2SEQ_LM: ("/v1/generate (a prompt)", "/v1/completions"),
 }
 
 

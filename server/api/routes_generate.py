@@ -1,4 +1,5 @@
-"""`POST /v1/generate`: prefix-serve's own generation route, JSON or Server-Sent Events."""
+"""`POST /v1/generate`: prefix-serve's own generation route, JSON or Server-Sent Events. On a
+seq2seq_lm server (BART, T5) the prompt is the encoder's input; messages need a causal LM."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from fastapi import APIRouter, Depends, Request
 from server.api.auth import Caller, require_caller
 from server.api.context import get_ctx
 from server.api.generation import GenerationJob, complete, finish_reason_name, open_stream, prefix_names, prepare
-from server.api.model_kind import require_kind
+from server.api.model_kind import check_kind, require_kind
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
 from server.api.sse import sse_response
 from server.engine.outputs import RequestOutput
 from server.prefix import ModelKind
 
-router = APIRouter(tags=["generation"], dependencies=[require_kind(ModelKind.CAUSAL_LM)])
+router = APIRouter(tags=["generation"], dependencies=[require_kind(ModelKind.CAUSAL_LM, ModelKind.SEQ2SEQ_LM)])
 
 
 _RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}}
@@ -27,6 +28,8 @@ _RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "JSON, 
              summary="Generate (the same route as /v1/generate)")
 async def generate(body: GenerateRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
+    if body.messages is not None:  # a chat template is a causal LM's; an encoder-decoder takes a prompt
+        check_kind(request, "/v1/generate with messages (a chat)", ModelKind.CAUSAL_LM)
     (job,) = await prepare(ctx, caller, names=prefix_names(body.prefix_id, body.user_id),
                            prompts=None if body.prompt is None else [body.prompt], messages=body.messages,
                            fields=body, max_tokens=body.max_tokens, parse_special_tokens=body.parse_special_tokens,

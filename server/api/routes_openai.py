@@ -80,7 +80,7 @@ def _best(samples: list[Sample], n: int) -> list[Sample]:
 
 # --- /v1/completions
 
-@router.post("/v1/completions", dependencies=[require_kind(ModelKind.CAUSAL_LM)])
+@router.post("/v1/completions", dependencies=[require_kind(ModelKind.CAUSAL_LM, ModelKind.SEQ2SEQ_LM)])
 async def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
     ctx = get_ctx(request)
     prompts = body.prompts()

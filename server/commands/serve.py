@@ -139,15 +139,6 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     # The model itself loads in the engine process (the step loop's own interpreter and
     # main thread); this process tokenizes, resolves prefixes and speaks HTTP.
     folder, name = model_folder(settings.model, settings.cache_dir)
-    if settings.model is not None:
-        from server.engine.model_loader import model_kind
-        from server.prefix import ModelKind
-
-        if (kind := model_kind(folder)) is ModelKind.SEQ2SEQ_LM:
-            print(f"prefix-serve: {folder} holds a {kind.value} model (BART, T5): not served over HTTP yet "
-                  "(server/engine/seq2seq.py runs it in-process); serve takes causal_lm and seq_cls models",
-                  file=sys.stderr)
-            return 2
     process = EngineProcessConfig(model=str(folder), dtype=settings.dtype, device=settings.device,
                                   cache_dir=str(settings.cache_dir), engine=settings.engine_config(),
                                   host_prefix_bytes=settings.host_cache_bytes,

@@ -1,6 +1,6 @@
-"""serve's engine process: loads the model, builds the LLMEngine and runs the EngineCore loop
-on its main thread, talking to the API process over a pipe (server/engine/async_engine.py
-is the other end).
+"""serve's engine process: loads the model and runs the loop for its kind on its main thread
+(EngineCore around an LLMEngine; ClassifierCore for seq_cls, Seq2SeqCore for seq2seq_lm),
+talking to the API process over a pipe (server/engine/async_engine.py is the other end).
 
 Messages are pickled with the plain pickler (tensors copied as bytes, never moved to shared
 memory behind our back): commands one per message, one StepBatch per step back.
@@ -51,8 +51,11 @@ def main(conn: Connection, config: EngineProcessConfig) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to serve, which stops us after draining
     try:
-        if config.model is not None and model_kind(config.model) is ModelKind.SEQ_CLS:
+        kind = model_kind(config.model) if config.model is not None else ModelKind.CAUSAL_LM
+        if kind is ModelKind.SEQ_CLS:
             core = _classifier_core(conn, config)
+        elif kind is ModelKind.SEQ2SEQ_LM:
+            core = _seq2seq_core(conn, config)
         else:
             loaded = load_model(config.model, config.dtype, config.device,
                                 Path(config.cache_dir) if config.cache_dir else None)
@@ -92,3 +95,17 @@ def _classifier_core(conn: Connection, config: EngineProcessConfig):
                           has_tokenizer=True)
     send(conn, Ready(limits, str(classifier.dtype).removeprefix("torch."), str(classifier.device)))
     return ClassifierCore(classifier, config.host_prefix_bytes)
+
+
+def _seq2seq_core(conn: Connection, config: EngineProcessConfig):
+    """A seq2seq_lm model (BART, T5): the encoder-decoder loop (no paged KV pool)."""
+    from pathlib import Path
+
+    from server.engine.engine_core import Ready
+    from server.engine.model_loader import load_seq2seq, load_tokenizer
+    from server.engine.seq2seq_core import Seq2SeqCore
+
+    model = load_seq2seq(config.model, config.dtype, config.device)
+    core = Seq2SeqCore(model, load_tokenizer(Path(config.model)), config.engine, config.host_prefix_bytes)
+    send(conn, Ready(core.limits, str(model.dtype).removeprefix("torch."), str(model.device)))
+    return core

@@ -150,6 +150,17 @@ def load_classifier(path: str, dtype: str = "auto", device: str = "auto", max_ba
     return PrefixClassifier(model.requires_grad_(False), max_batch_tokens)
 
 
+def load_seq2seq(path: str, dtype: str = "auto", device: str = "auto"):
+    """A PrefixSeq2Seq around the BART or T5 *ForConditionalGeneration model in the folder `path`."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from server.engine.seq2seq import PrefixSeq2Seq
+
+    dev = resolve_device(device)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    return PrefixSeq2Seq(model.requires_grad_(False))
+
+
 def model_folder(path: str | None = None, cache_dir: Path | None = None) -> tuple[Path, str]:
     """(the HF folder, the name clients use for it) of `path`, or of the embedded SmolLM2
     (converted first if needed)."""

@@ -10,7 +10,7 @@ from enum import Enum
 from server.engine.block_pool import blocks_for
 from server.engine.outputs import FinishReason, TokenLogprob
 from server.engine.sampling_params import SamplingParams
-from server.prefix import ModelSpec, Prefix, PrefixError
+from server.prefix import ModelKind, ModelSpec, Prefix, PrefixError
 
 
 class RequestError(ValueError):
@@ -45,6 +45,9 @@ def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: S
                           f"{prefix.spec.num_layers} layers); this engine runs {spec.fingerprint}: make it with "
                           "this engine's make_prefix")
     p = prefix.length if prefix is not None else 0
+    if spec.kind is ModelKind.SEQ2SEQ_LM:
+        _check_seq2seq(limits, prompt_token_ids, sampling, p)
+        return
     n, limit = len(prompt_token_ids), spec.max_model_len
     room = 1 if sampling.max_tokens else 0  # scoring only (max_tokens 0) may fill the context
     if p + n + room > limit:
@@ -66,6 +69,36 @@ def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: S
         raise RequestError("stop strings need a tokenizer; this engine has none")
     if sampling.guided_regex is not None and not limits.has_tokenizer:
         raise RequestError("structured output needs a tokenizer; this engine has none")
+
+
+def _check_seq2seq(limits: EngineLimits, prompt_token_ids: list[int], sampling: SamplingParams, p: int) -> None:
+    """An encoder-decoder request (server/engine/seq2seq_core.py): the prompt is the encoder's
+    input, the prefix and the generated tokens take decoder positions, and the request holds
+    len(prompt) + prefix + max_tokens token slots of the budget (`num_blocks`, blocks of one)."""
+    n, limit = len(prompt_token_ids), limits.spec.max_model_len
+    if n > limit:
+        raise RequestError(f"prompt of {n} tokens is longer than the encoder's {limit} positions")
+    if sampling.max_tokens < 1:
+        raise RequestError("an encoder-decoder model generates: max_tokens must be at least 1 "
+                           "(prompt scoring is for causal models)")
+    if p + sampling.max_tokens > limit:
+        raise RequestError(f"prefix {p} + max_tokens {sampling.max_tokens} = {p + sampling.max_tokens} exceeds the "
+                           f"decoder's {limit} positions; use max_tokens <= {limit - p}")
+    vocab = limits.vocab_size
+    bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    need = n + p + sampling.max_tokens
+    if need > limits.num_blocks:
+        raise RequestError(f"request needs {need} token slots (prompt {n} + prefix {p} + max_tokens "
+                           f"{sampling.max_tokens}); the engine holds {limits.num_blocks}")
+    unsupported = [name for name, on in (("n > 1", sampling.n > 1),
+                                         ("prompt_logprobs", sampling.prompt_logprobs is not None),
+                                         ("structured output", sampling.guided_regex is not None)) if on]
+    if unsupported:
+        raise RequestError(f"{', '.join(unsupported)}: not supported for encoder-decoder models yet")
+    if sampling.stop and not limits.has_tokenizer:
+        raise RequestError("stop strings need a tokenizer; this engine has none")
 
 
 class RequestStatus(Enum):

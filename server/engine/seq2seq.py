@@ -78,6 +78,31 @@ class Seq2SeqOutput:
     logits: torch.Tensor | None  # [len(token_ids), vocab], float32 on the host; None unless asked
 
 
+@dataclass(eq=False)
+class DecoderState:
+    """One running row between decoder steps: plain tensors on the model's device, held by
+    the row until it ends (not in the paged KV pool; a prefix is copied into each row's own)."""
+
+    cross: torch.Tensor  # [L, 2, H, S, hd] cross-attention keys and values, computed once at admission
+    own: torch.Tensor  # [L, 2, H, P + max_new_tokens, hd] self-attention: the prefix, then one slot per token
+    prefix_len: int  # P
+    length: int  # slots of `own` filled: P + decoder tokens fed so far
+
+    @property
+    def nbytes(self) -> int:
+        return self.cross.numel() * self.cross.element_size() + self.own.numel() * self.own.element_size()
+
+
+@dataclass(eq=False)
+class DecodeBatch:
+    """The running rows of a decoder step, with their cross kv padded together."""
+
+    states: list[DecoderState]
+    cross_keys: torch.Tensor  # [L, B, H, Smax, hd]
+    cross_values: torch.Tensor  # [L, B, H, Smax, hd]
+    cross_mask: torch.Tensor  # [B, 1, 1, Smax] additive: 0 over a row's encoder tokens, min after
+
+
 class PrefixSeq2Seq:
     """A frozen HF BartForConditionalGeneration or T5ForConditionalGeneration that generates
     greedily for a batch of rows, each with its own prefix, one decoder pass per step."""
@@ -341,6 +366,135 @@ class PrefixSeq2Seq:
             raise Seq2SeqError(f"row {i} needs decoder positions up to prefix {p} + max_new_tokens {limit} = "
                                f"{p + limit}; the model has {self.max_decoder_positions}")
         return ids, kv, limit, encoder_kv, cross_kv
+
+
+    # ---- step by step: the server loop (server/engine/seq2seq_core.py) admits rows between
+    # decoder steps. Each row's encoder pass and cross-attention keys and values are computed
+    # once, when it is admitted, and held in its DecoderState (plain tensors, not paged).
+
+    @torch.inference_mode()
+    def encode_rows(self, inputs: Sequence[torch.Tensor], encoder_kvs: Sequence[torch.Tensor | None]
+                    ) -> list[torch.Tensor]:
+        """The encoder's last hidden states [S_i, d_model] of each row's ids, in one padded
+        pass (`encode`, with each row's encoder part if it has one)."""
+        hidden, _ = self.encode([torch.as_tensor(x, dtype=torch.long) for x in inputs], encoder_kvs)
+        return [hidden[i, :len(x)] for i, x in enumerate(inputs)]
+
+    @torch.inference_mode()
+    def cross_kv(self, encoded: torch.Tensor, cross_part: torch.Tensor | None = None) -> torch.Tensor:
+        """[L, 2, H, P_cross + S, hd]: every decoder layer's cross-attention keys and values over
+        one row's encoder output [S, d_model], after its cross part (block l for layer l) if any."""
+        if self.arch == "bart":
+            projections = [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in self.decoder.layers]
+        else:
+            projections = [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v)
+                           for block in self.decoder.block]
+        spec = self.spec
+        cross = torch.stack([torch.stack([k(encoded), v(encoded)])  # [2, S, H * hd]
+                             .view(2, -1, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+                             for k, v in projections])
+        if cross_part is None:
+            return cross
+        return torch.cat([cross_part.to(cross.device, cross.dtype), cross], dim=3)
+
+    def decoder_state(self, cross: torch.Tensor, prefix: Prefix | torch.Tensor | None, max_new_tokens: int
+                      ) -> DecoderState:
+        """A row's state before its first decoder step: its cross kv [L, 2, H, S, hd], and
+        self-attention slots for its prefix (decoder layer l gets block (2l) % L) and for
+        max_new_tokens decoder tokens."""
+        kv = prefix.kv if isinstance(prefix, Prefix) else prefix
+        p = 0 if kv is None else int(kv.shape[3])
+        spec = self.spec
+        own = torch.zeros((spec.num_layers, 2, spec.num_kv_heads, p + max_new_tokens, spec.head_dim),
+                          dtype=self.dtype, device=self.device)
+        if kv is not None:
+            blocks = [self.decoder_layer_block(layer) for layer in range(spec.num_layers)]
+            own[:, :, :, :p] = kv.to(self.device, self.dtype)[blocks]
+        return DecoderState(cross=cross, own=own, prefix_len=p, length=p)
+
+    def decode_batch(self, states: Sequence[DecoderState]) -> DecodeBatch:
+        """The rows' cross kv padded into one batch (rebuilt only when the rows change)."""
+        smax = max(s.cross.shape[3] for s in states)
+        spec = self.spec
+        keys = torch.zeros((spec.num_layers, len(states), spec.num_kv_heads, smax, spec.head_dim),
+                           dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        visible = torch.zeros((len(states), smax), dtype=torch.bool, device=self.device)
+        for i, s in enumerate(states):
+            n = s.cross.shape[3]
+            keys[:, i, :, :n] = s.cross[:, 0]
+            values[:, i, :, :n] = s.cross[:, 1]
+            visible[i, :n] = True
+        return DecodeBatch(list(states), keys, values, self._additive(visible[:, None, None, :]))
+
+    @torch.inference_mode()
+    def decode_step(self, batch: DecodeBatch, tokens: Sequence[int]) -> torch.Tensor:
+        """Logits [B, vocab] (model dtype) of each row's next decoder token `tokens[i]`; its
+        self-attention key and value are appended to the row's state.
+
+        Row i's slots 0 .. length_i - 1 (prefix, then its earlier tokens) are left-aligned in
+        a [B, H, Kmax, hd] cache, padding masked; the new token's slot is Kmax. Its position is
+        length_i (BART: embed_positions row length_i + 2; T5: the relative bias with the query
+        at length_i, slot k at position k, the new slot at length_i), as for the row alone."""
+        states, dev = batch.states, self.device
+        lengths = torch.tensor([s.length for s in states], device=dev)  # [B]
+        kmax = int(lengths.max())
+        spec = self.spec
+        if kmax:
+            keys = torch.zeros((spec.num_layers, len(states), spec.num_kv_heads, kmax, spec.head_dim),
+                               dtype=self.dtype, device=dev)
+            values = torch.zeros_like(keys)
+            for i, s in enumerate(states):
+                keys[:, i, :, :s.length] = s.own[:, 0, :, :s.length]
+                values[:, i, :, :s.length] = s.own[:, 1, :, :s.length]
+            self_cache = DynamicCache([(keys[layer], values[layer]) for layer in range(spec.num_layers)])
+        else:
+            self_cache = DynamicCache()
+        cross_cache = DynamicCache([(batch.cross_keys[layer], batch.cross_values[layer])
+                                    for layer in range(spec.num_layers)])
+        cache = EncoderDecoderCache(self_cache, cross_cache)  # cross filled: HF's layers read it as is
+        slots = torch.arange(kmax + 1, device=dev)
+        visible = (slots[None, :] < lengths[:, None]) | (slots[None, :] == kmax)  # [B, Kmax + 1]
+        self_mask = self._additive(visible[:, None, None, :])
+        # HF's layers run cross-attention only when given encoder states; with the cross cache
+        # filled they never read them (nor project them again): a placeholder stands in.
+        placeholder = torch.zeros((len(states), 0, int(self.model.config.d_model)), dtype=self.dtype, device=dev)
+        x = torch.as_tensor(list(tokens), dtype=torch.long, device=dev)[:, None]
+        dec = self.decoder
+        if self.arch == "bart":
+            positions = dec.embed_positions
+            h = dec.embed_tokens(x) + positions.weight[lengths + positions.offset][:, None].to(self.dtype)
+            h = dec.layernorm_embedding(h)
+            for layer in dec.layers:
+                h = layer(h, self_mask, placeholder, encoder_attention_mask=batch.cross_mask,
+                          past_key_values=cache, use_cache=True)
+            logits = self.model.lm_head(h[:, 0]) + self.model.final_logits_bias[0].to(h.dtype)
+        else:
+            bias = self._t5_step_bias(lengths, kmax)
+            h = dec.embed_tokens(x)
+            for block in dec.block:
+                h, _, _ = block(h, self_mask, bias, placeholder, batch.cross_mask, None, past_key_values=cache)
+            h = dec.final_layer_norm(h[:, 0])
+            if getattr(self.model.config, "scale_decoder_outputs", False):
+                h = h * (self.model.model_dim ** -0.5)
+            logits = self.model.lm_head(h)
+        layers = cache.self_attention_cache.layers
+        new = torch.stack([torch.stack([layer.keys[:, :, kmax], layer.values[:, :, kmax]]) for layer in layers])
+        for i, s in enumerate(states):  # new: [L, 2, B, H, hd], the new token's slot of every row
+            s.own[:, :, :, s.length] = new[:, :, i]
+            s.length += 1
+        return logits
+
+    def _t5_step_bias(self, lengths: torch.Tensor, kmax: int) -> torch.Tensor:
+        """[B, H, 1, Kmax + 1] self-attention bias of row i's query at position length_i:
+        slot k < Kmax at position k (padding slots are masked), the new slot at length_i."""
+        attn = self.decoder.block[0].layer[0].SelfAttention
+        keys = torch.arange(kmax + 1, device=lengths.device)[None, :].repeat(len(lengths), 1)
+        keys[:, kmax] = lengths
+        buckets = attn._relative_position_bucket(keys - lengths[:, None], bidirectional=False,
+                                                 num_buckets=attn.relative_attention_num_buckets,
+                                                 max_distance=attn.relative_attention_max_distance)
+        return attn.relative_attention_bias(buckets).permute(0, 2, 1)[:, :, None, :]
 
 
 def _generation_setting(model: torch.nn.Module, name: str) -> list[int]:
