@@ -63,6 +63,7 @@ class PrefixArena:
         self._used: dict[int, tuple[int, int]] = {}  # slot id -> (offset, size)
         self._ids = itertools.count(1)
         self.used_bytes = 0
+        self.puts = 0  # tensors put in a slot
         self.fallbacks = 0  # puts that found no room (the tensor went through the pipe)
         self.closed = False
 
@@ -103,6 +104,7 @@ class PrefixArena:
             slot = ArenaSlot(next(self._ids), offset, tuple(kv.shape), str(kv.dtype).removeprefix("torch."))
             self._used[slot.id] = (offset, size)
             self.used_bytes += size
+            self.puts += 1
             self._view(slot).copy_(kv)
         return slot
 
