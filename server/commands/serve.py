@@ -158,7 +158,8 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     # This process's tensor work is small (a loaded prefix's check, compositions, uploads) and
     # runs beside the engine process on the same cores: torch's default of a thread per core
     # made each op an OpenMP team that spun against the step loop (a 360 KiB prefix's check
-    # took 15-37 ms on 2 threads beside a running batch, 0.5 ms on one; prefix_load_profile.py).
+    # took 15-37 ms on 2 threads beside other work on the 2 cores, 0.5 ms on one;
+    # bench/prefix_load_profile.py).
     # The engine process is a fresh interpreter and keeps its own count.
     torch.set_num_threads(1)
     app = create_app(settings, async_engine, store, model_name=name)
