@@ -137,15 +137,19 @@ class _ProcessChannel:
         print(f"prefix-serve: engine process started (pid {self._proc.pid})", flush=True)
         child.close()
         self._conn = parent
-        if not parent.poll(self.start_timeout_s):
-            self._proc.kill()
-            raise EngineDeadError(f"the engine process did not start within {self.start_timeout_s:.0f} s")
         try:
-            ready = receive(parent)
-        except EOFError as e:
-            raise EngineDeadError(f"the engine process exited while starting (code {self._proc.exitcode})") from e
-        if not isinstance(ready, Ready):
-            raise EngineDeadError(f"the engine process failed to start: {getattr(ready, 'error', ready)}")
+            if not parent.poll(self.start_timeout_s):
+                self._proc.kill()
+                raise EngineDeadError(f"the engine process did not start within {self.start_timeout_s:.0f} s")
+            try:
+                ready = receive(parent)
+            except EOFError as e:
+                raise EngineDeadError(f"the engine process exited while starting (code {self._proc.exitcode})") from e
+            if not isinstance(ready, Ready):
+                raise EngineDeadError(f"the engine process failed to start: {getattr(ready, 'error', ready)}")
+        except EngineDeadError:
+            self.close_arena()
+            raise
         return ready
 
     def start(self, on_batch: Callable[[object], None]) -> None:

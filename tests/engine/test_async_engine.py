@@ -323,3 +323,14 @@ def test_a_prefix_crossing_by_shared_memory_or_pipe_gives_the_engine_here_logpro
     assert (puts, fallbacks) == ((3, 0) if arena_bytes == 1 << 20 else (0, 3))
     assert in_use == 0
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_an_engine_process_that_cannot_start_says_why_and_leaves_no_arena(tmp_path):
+    from tests.training.conftest import make_byte_tokenizer
+
+    make_byte_tokenizer().save_pretrained(tmp_path)  # a tokenizer, and no model beside it
+    aeng = _process_engine(tmp_path)
+    with pytest.raises(EngineDeadError, match="failed to start"):
+        aeng.connect()
+    name = aeng._channel.arena.name
+    assert aeng._channel.arena.closed and not os.path.exists(f"/dev/shm/{name}")
