@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(256 * MiB, gt=0, description="largest prefix upload body")
     max_prefix_bytes: int = Field(128 * MiB, gt=0, description="largest prefix tensor (and zip member)")
     host_cache_bytes: int = Field(2 * GiB, ge=0, description="host-memory LRU of loaded prefixes")
+    prefix_arena_bytes: int = Field(
+        64 * MiB, ge=0, description="shared memory that carries loaded prefixes to the engine process (a prefix "
+                                    "that finds no room goes through the pipe); 0 = always the pipe")
     prefix_load_concurrency: int = Field(
         4, ge=1, description="prefixes loaded from Redis at once; more cold loads wait their turn, so that a storm "
                              "of them does not stall requests on resident prefixes")
@@ -217,7 +220,8 @@ SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url
                                          "guide_compile_timeout_s",
                                          "max_queue", "retry_after_s", "max_choices", "request_timeout_s",
                                          "max_output_tokens", "max_body_bytes", "max_upload_bytes", "max_prefix_bytes",
-                                         "host_cache_bytes", "prefix_load_concurrency", "tenant_max_concurrent_requests",
+                                         "host_cache_bytes", "prefix_arena_bytes", "prefix_load_concurrency",
+                                         "tenant_max_concurrent_requests",
                                          "tenant_tokens_per_minute", "tenant_burst_tokens", "tenant_max_storage_bytes",
                                          "tenant_max_prefixes", "admin_tenant", "shared_prefixes", "workers",
                                          "max_jobs_per_tenant", "worker_max_jobs", "max_train_examples", "max_train_example_tokens",

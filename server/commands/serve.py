@@ -115,6 +115,7 @@ def _raise_stop(signum: int, _frame) -> None:
 
 
 def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
+    import torch
     import uvicorn
 
     from prefix_store import PrefixStore, StoreUnavailableError
@@ -142,8 +143,16 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
     process = EngineProcessConfig(model=str(folder), dtype=settings.dtype, device=settings.device,
                                   cache_dir=str(settings.cache_dir), engine=settings.engine_config(),
                                   host_prefix_bytes=settings.host_cache_bytes,
+                                  arena_bytes=settings.prefix_arena_bytes,
                                   log_level="error" if settings.log_level == "critical" else settings.log_level)
     async_engine = AsyncEngine(process=process, tokenizer=load_tokenizer(folder), max_waiting=settings.max_queue)
+    # This process's tensor work is small (a loaded prefix's check, compositions, uploads) and
+    # runs beside the engine process on the same cores: torch's default of a thread per core
+    # made each op an OpenMP team that spun against the step loop (a 360 KiB prefix's check
+    # took 15-37 ms on 2 threads beside other work on the 2 cores, 0.5 ms on one;
+    # bench/prefix_load_profile.py).
+    # The engine process is a fresh interpreter and keeps its own count.
+    torch.set_num_threads(1)
     app = create_app(settings, async_engine, store, model_name=name)
 
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

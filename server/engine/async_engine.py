@@ -30,9 +30,10 @@ from server.engine.engine_core import (Abort, AddRequest, ComputeKV, Died, DropS
                                        StepBatch, Stop)
 from server.engine.classifier import Classification
 from server.engine.classifier_core import Classify
-from server.engine.engine_process import EngineProcessConfig, main as engine_process_main, receive, send
+from server.engine.engine_process import EngineProcessConfig, SlotsFreed, main as engine_process_main, receive, send
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, RequestOutput
+from server.engine.prefix_arena import PrefixArena
 from server.engine.request import EngineLimits, check_request
 from server.engine.sampling_params import SamplingParams
 from server.prefix import ClassifierHead, Prefix, PrefixRef
@@ -111,7 +112,10 @@ class _ThreadChannel:
 
 class _ProcessChannel:
     """The EngineCore loop in an engine process (spawned: a clean interpreter, its own GIL),
-    a pipe to it, and a reader and a writer thread here so the event loop never blocks on it."""
+    a pipe to it, and a reader and a writer thread here so the event loop never blocks on it.
+    The writer puts each prefix tensor in a slot of the shared-memory arena (prefix_arena.py)
+    and sends the slot; the reader frees slots when the engine says it copied them. With the
+    arena full, a tensor goes through the pipe (pickled) instead: nothing waits for room."""
 
     def __init__(self, config: EngineProcessConfig, start_timeout_s: float = 600.0) -> None:
         self.config = config
@@ -119,26 +123,33 @@ class _ProcessChannel:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._proc = None
         self._conn = None
+        self.arena: PrefixArena | None = None
 
     def connect(self) -> Ready:
         """Start the engine process and wait until its model is loaded."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=engine_process_main, args=(child, self.config), name="prefix-serve-engine",
-                                 daemon=True)
+        if self.config.arena_bytes > 0:
+            self.arena = PrefixArena.create(self.config.arena_bytes)
+        self._proc = ctx.Process(target=engine_process_main, name="prefix-serve-engine", daemon=True,
+                                 args=(child, self.config, None if self.arena is None else self.arena.name))
         self._proc.start()
         print(f"prefix-serve: engine process started (pid {self._proc.pid})", flush=True)
         child.close()
         self._conn = parent
-        if not parent.poll(self.start_timeout_s):
-            self._proc.kill()
-            raise EngineDeadError(f"the engine process did not start within {self.start_timeout_s:.0f} s")
         try:
-            ready = receive(parent)
-        except EOFError as e:
-            raise EngineDeadError(f"the engine process exited while starting (code {self._proc.exitcode})") from e
-        if not isinstance(ready, Ready):
-            raise EngineDeadError(f"the engine process failed to start: {getattr(ready, 'error', ready)}")
+            if not parent.poll(self.start_timeout_s):
+                self._proc.kill()
+                raise EngineDeadError(f"the engine process did not start within {self.start_timeout_s:.0f} s")
+            try:
+                ready = receive(parent)
+            except EOFError as e:
+                raise EngineDeadError(f"the engine process exited while starting (code {self._proc.exitcode})") from e
+            if not isinstance(ready, Ready):
+                raise EngineDeadError(f"the engine process failed to start: {getattr(ready, 'error', ready)}")
+        except EngineDeadError:
+            self.close_arena()
+            raise
         return ready
 
     def start(self, on_batch: Callable[[object], None]) -> None:
@@ -148,20 +159,43 @@ class _ProcessChannel:
     def _read(self, on_batch: Callable[[object], None]) -> None:
         try:
             while True:
-                on_batch(receive(self._conn))
+                message = receive(self._conn)
+                if isinstance(message, SlotsFreed):
+                    self._free(message.slot_ids)
+                else:
+                    on_batch(message)
         except (EOFError, OSError) as e:
             code = self._proc.exitcode if self._proc is not None else None
             on_batch(Died(f"the engine process is gone (exit code {code}; {type(e).__name__})"))
+
+    def _free(self, slot_ids: list[int]) -> None:
+        arena = self.arena
+        for slot_id in slot_ids:
+            try:
+                arena.free(slot_id)
+            except ValueError:  # a bug, but no reason to stop serving: the slot is lost until shutdown
+                log.exception("the engine process freed a slot this process does not know")
 
     def _write(self) -> None:
         while True:
             command = self._outbox.get()
             try:
-                send(self._conn, command)
+                send(self._conn, self._in_arena(command))
             except (OSError, EOFError):
                 return
             if isinstance(command, Stop):
                 return
+
+    def _in_arena(self, command: object) -> object:
+        """The command with its prefix's tensor moved into an arena slot (as it is when the
+        arena is full or off)."""
+        payload = getattr(command, "prefix", None)
+        if self.arena is None or payload is None or payload.kv is None:
+            return command
+        slot = self.arena.put(payload.kv)
+        if slot is None:
+            return command
+        return replace(command, prefix=replace(payload, kv=None, slot=slot))
 
     def send(self, command: object) -> None:
         self._outbox.put(command)
@@ -170,12 +204,19 @@ class _ProcessChannel:
         return self._proc is not None and self._proc.is_alive()
 
     def join(self, timeout: float) -> None:
-        if self._proc is None:
-            return
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
+        if self._proc is not None:
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
+        self.close_arena()
+
+    def close_arena(self) -> None:
+        """Unlink the arena (the engine process is gone: nobody reads it any more). It stays
+        an object, closed, for a reader or writer thread still holding it."""
+        if self.arena is not None and not self.arena.closed:
+            self.arena.close()
+            self.arena.unlink()
 
 
 class AsyncEngine:

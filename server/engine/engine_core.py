@@ -8,8 +8,9 @@
 # NOTE: the loop runs on the main thread of its own process in serve: a step whose torch
 # ops run on a non-main thread was measured 36% slower (OpenMP thread teams), and the API's
 # event loop no longer shares a GIL with the step's Python. Everything crossing the channel
-# is a small picklable dataclass below; a prefix's tensor crosses once, and the core keeps
-# it (host LRU within `host_prefix_bytes`) until it reports the key as forgotten.
+# is a small picklable dataclass below; a prefix's tensor crosses once (between processes in
+# a shared-memory slot, prefix_arena.py, not in the pickle), and the core keeps it (host LRU
+# within `host_prefix_bytes`) until it reports the key as forgotten.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
+from server.engine.prefix_arena import ArenaSlot
 from server.engine.request import EngineLimits
 from server.engine.sampling_params import SamplingParams
 from server.prefix import ClassifierHead, Prefix, PrefixRef
@@ -38,10 +40,13 @@ log = logging.getLogger(__name__)
 class PrefixPayload:
     key: tuple  # Prefix.key
     refs: tuple[PrefixRef, ...]
-    kv: torch.Tensor | None  # None: the core has this key already
+    kv: torch.Tensor | None  # None: the core has this key already (or it is in `slot`)
     head: ClassifierHead | None = None  # a classification prefix's own head (seq_cls models)
     encoder_kv: torch.Tensor | None = None  # Prefix.encoder_kv (seq2seq three-prefix form)
     cross_kv: torch.Tensor | None = None  # Prefix.cross_kv (seq2seq three-prefix form)
+    # Between the processes only: where kv lies in the shared-memory arena instead of in the
+    # message (the engine process puts it back into `kv` before the core sees the command).
+    slot: ArenaSlot | None = None
 
 
 @dataclass

@@ -3,7 +3,12 @@
 talking to the API process over a pipe (server/engine/async_engine.py is the other end).
 
 Messages are pickled with the plain pickler (tensors copied as bytes, never moved to shared
-memory behind our back): commands one per message, one StepBatch per step back.
+memory behind our back): commands one per message, one StepBatch per step back. A prefix's
+tensor does not travel in the pickle: the API process puts it in a slot of the shared-memory
+arena (prefix_arena.py) and the command carries the slot; on receipt this process copies the
+slot out into the command (the core sees a plain PrefixPayload with its kv) and answers
+SlotsFreed at once, so the slot is free again before the command even runs. A command whose
+tensor found no room in the arena carries it in the pickle, as before.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 import pickle
 import signal
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
 from server.engine.config import EngineConfig
@@ -28,7 +33,17 @@ class EngineProcessConfig:
     cache_dir: str | None
     engine: EngineConfig
     host_prefix_bytes: int = 1 << 30  # host copies of prefixes the engine keeps between requests
+    # the shared-memory arena that carries prefix tensors to the engine (prefix_arena.py);
+    # 0: every tensor goes through the pipe, pickled
+    arena_bytes: int = 64 << 20
     log_level: str = "WARNING"
+
+
+@dataclass
+class SlotsFreed:
+    """The engine process copied these arena slots out: the API process may reuse them."""
+
+    slot_ids: list[int]
 
 
 def send(conn: Connection, message: object) -> None:
@@ -39,18 +54,33 @@ def receive(conn: Connection) -> object:
     return pickle.loads(conn.recv_bytes())
 
 
-def main(conn: Connection, config: EngineProcessConfig) -> None:
-    """The child's entry point (multiprocessing, spawn)."""
+def take_slot(message: object, arena) -> tuple[object, int | None]:
+    """(the message with its prefix's tensor copied out of the arena, the slot's id), or
+    (the message, None) when it carries no slot."""
+    payload = getattr(message, "prefix", None)
+    if payload is None or getattr(payload, "slot", None) is None:
+        return message, None
+    slot = payload.slot
+    kv = arena.take(slot) if payload.kv is None else payload.kv
+    return replace(message, prefix=replace(payload, kv=kv, slot=None)), slot.id
+
+
+def main(conn: Connection, config: EngineProcessConfig, arena_name: str | None = None) -> None:
+    """The child's entry point (multiprocessing, spawn); `arena_name`: the API process's
+    shared-memory arena, None when every tensor comes through the pipe."""
     from pathlib import Path
 
     from server.engine.engine_core import Died, EngineCore, Ready
     from server.engine.llm_engine import LLMEngine
     from server.engine.model_loader import load_model, model_kind
+    from server.engine.prefix_arena import PrefixArena
     from server.prefix import ModelKind
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to serve, which stops us after draining
+    arena = None
     try:
+        arena = PrefixArena.attach(arena_name) if arena_name is not None else None
         kind = model_kind(config.model) if config.model is not None else ModelKind.CAUSAL_LM
         if kind is ModelKind.SEQ_CLS:
             core = _classifier_core(conn, config)
@@ -65,10 +95,17 @@ def main(conn: Connection, config: EngineProcessConfig) -> None:
 
         def commands(timeout: float | None) -> list[object]:
             out: list[object] = []
+            freed: list[int] = []
             if conn.poll(timeout):
-                out.append(receive(conn))
-                while conn.poll(0):
-                    out.append(receive(conn))
+                while True:
+                    command, slot_id = take_slot(receive(conn), arena)
+                    out.append(command)
+                    if slot_id is not None:
+                        freed.append(slot_id)
+                    if not conn.poll(0):
+                        break
+            if freed:
+                send(conn, SlotsFreed(freed))
             return out
 
         core.run(commands, lambda batch: send(conn, batch))
@@ -81,6 +118,9 @@ def main(conn: Connection, config: EngineProcessConfig) -> None:
         except (OSError, EOFError):
             pass
         raise
+    finally:
+        if arena is not None:
+            arena.close()
 
 
 def _classifier_core(conn: Connection, config: EngineProcessConfig):

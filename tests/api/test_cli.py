@@ -53,6 +53,54 @@ def test_upload_and_prefixes_commands(stack, tenant_key, adapter_dir, capsys, tm
     assert "cannot reach the server" in capsys.readouterr().err
 
 
+def _arena_segments(pid: int) -> list[str]:
+    from server.engine.prefix_arena import SEGMENT_PREFIX
+
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"{SEGMENT_PREFIX}{pid}-")]
+
+
+def _start_serve(tmp: str, vocab, tokenizer, port: int, redis_url: str) -> subprocess.Popen:
+    model_dir, cache_dir = Path(tmp) / "model", Path(tmp) / "cache"
+    tiny_llama(0, vocab).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
+         "--cache-dir", str(cache_dir), "--kv-cache-bytes", str(1 << 20), "--dtype", "float32",
+         "--device", "cpu", "--log-level", "warning", "--redis-url", redis_url, "--namespace", "arena-kill",
+         "--workers", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parents[2])
+
+
+def test_a_serve_killed_leaves_no_shared_memory_and_the_next_one_makes_its_own(redis_server, vocab, tokenizer):
+    """SIGKILL gives serve no chance to unlink its prefix arena: multiprocessing's resource
+    tracker does, once serve and its engine process are gone; a new serve makes its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        try:
+            for _ in range(2):
+                proc = _start_serve(tmp, vocab, tokenizer, free_port(), redis_server.url)
+                procs.append(proc)
+                out = ""
+                for line in proc.stdout:
+                    out += line
+                    if "serving on" in line:
+                        break
+                assert "serving on" in out, out
+                assert len(_arena_segments(proc.pid)) == 1
+                proc.kill()
+                proc.wait(30)
+                deadline = time.monotonic() + 60  # the engine process sees its pipe close, then the tracker
+                while _arena_segments(proc.pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert _arena_segments(proc.pid) == []
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+
 def test_serve_owns_redis_prints_its_key_and_drains_on_sigterm(vocab, tokenizer):
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, cache_dir = Path(tmp) / "model", Path(tmp) / "cache"
@@ -94,8 +142,10 @@ def test_serve_owns_redis_prints_its_key_and_drains_on_sigterm(vocab, tokenizer)
             assert r.status_code == 201
             assert redis.Redis.from_url(redis_url).config_get("appendonly")["appendonly"] == "yes"
             assert (cache_dir / "redis").is_dir()
+            assert len(_arena_segments(proc.pid)) == 1  # the prefix arena of serve's engine process
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
+            assert _arena_segments(proc.pid) == []  # unlinked at shutdown
             with pytest.raises(redis.ConnectionError):  # its redis-server is gone with it
                 redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
         finally:

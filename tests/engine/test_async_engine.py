@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -185,13 +186,15 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def _process_engine(model_dir, host_prefix_bytes: int = 1 << 30, max_waiting: int = 256) -> AsyncEngine:
+def _process_engine(model_dir, host_prefix_bytes: int = 1 << 30, max_waiting: int = 256,
+                    arena_bytes: int = 64 << 20) -> AsyncEngine:
     from server.engine.config import EngineConfig
     from server.engine.engine_process import EngineProcessConfig
     from server.engine.model_loader import load_tokenizer
 
     config = EngineProcessConfig(model=str(model_dir), dtype="float32", device="cpu", cache_dir=None,
-                                 engine=EngineConfig(block_size=4, num_blocks=256), host_prefix_bytes=host_prefix_bytes)
+                                 engine=EngineConfig(block_size=4, num_blocks=256), host_prefix_bytes=host_prefix_bytes,
+                                 arena_bytes=arena_bytes)
     return AsyncEngine(process=config, tokenizer=load_tokenizer(model_dir), max_waiting=max_waiting)
 
 
@@ -256,6 +259,7 @@ def test_a_dead_engine_process_fails_its_requests_and_says_so(model_dir):
         gen = aeng.generate("r", [5, 6], SamplingParams(max_tokens=250, ignore_eos=True))
         try:
             await gen.__anext__()
+            name = aeng._channel.arena.name
             aeng._channel._proc.kill()  # the engine process dies (OOM killer, a crash)
             with pytest.raises(EngineDeadError):
                 async for _ in gen:
@@ -265,5 +269,68 @@ def test_a_dead_engine_process_fails_its_requests_and_says_so(model_dir):
                 await aeng.generate("r2", [5], SamplingParams()).__anext__()
         finally:
             await aeng.shutdown(drain_timeout=0)
+        return name
 
-    asyncio.run(main())
+    name = asyncio.run(main())
+    assert not os.path.exists(f"/dev/shm/{name}")  # the arena went with the engine at shutdown
+
+
+@pytest.mark.parametrize("arena_bytes", [1 << 20, 64 * 4, 0], ids=["shared-memory", "arena-full", "pipe-only"])
+def test_a_prefix_crossing_by_shared_memory_or_pipe_gives_the_engine_here_logprobs(model_dir, arena_bytes):
+    """Prefix tensors reach the engine process in arena slots (or, when the arena is full or
+    off, in the pipe): the same greedy tokens and logprobs, and the same prompt kv, as an
+    engine in this process; every slot is freed, and no segment is left after shutdown."""
+    from server.engine.config import EngineConfig
+    from server.engine.llm_engine import LLMEngine
+    from server.engine.model_loader import load_model
+
+    loaded = load_model(str(model_dir), "float32", "cpu")
+    here = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(block_size=4, num_blocks=256))
+    kvs = [torch.randn(here.spec.kv_shape(n), generator=torch.Generator().manual_seed(10 + n)) for n in (2, 7)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    want = [here.generate([[30 + i, 31, 32]], params, [here.make_prefix(kvs[i % 2])])[0] for i in range(4)]
+    want_kv = here.prompt_kv([7, 8, 9], here.make_prefix(kvs[1]))
+
+    async def main():
+        aeng = _process_engine(model_dir, arena_bytes=arena_bytes)
+        await aeng.start()
+        try:
+            prefixes = [aeng.make_prefix(kv, (PrefixRef("t", f"p{i}", "v"),)) for i, kv in enumerate(kvs)]
+            async def collect(i):
+                outs = [out async for out in aeng.generate(f"r{i}", [30 + i, 31, 32], params, prefixes[i % 2])]
+                return [t for o in outs for t in o.new_token_ids], [lp for o in outs for lp in o.logprobs]
+
+            got = await asyncio.gather(*[collect(i) for i in range(4)])
+            got_kv = await aeng.prompt_kv("kv", [7, 8, 9], aeng.make_prefix(kvs[1]))  # anonymous: a new tensor
+            await asyncio.sleep(0.2)  # the last SlotsFreed
+            arena = aeng._channel.arena
+            counts = None if arena is None else (arena.puts, arena.fallbacks, len(arena), arena.name)
+            return got, got_kv, counts
+        finally:
+            await aeng.shutdown(drain_timeout=5)
+
+    got, got_kv, counts = asyncio.run(main())
+    for (tokens, logprobs), ref in zip(got, want):
+        assert tokens == ref.output_token_ids
+        assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-5)
+        assert [[t[0] for t in lp.top] for lp in logprobs] == [[t[0] for t in lp.top] for lp in ref.logprobs]
+    assert torch.equal(got_kv, want_kv)
+    if arena_bytes == 0:
+        assert counts is None
+        return
+    puts, fallbacks, in_use, name = counts
+    # three tensors crossed (two named prefixes, once each, and the anonymous one)
+    assert (puts, fallbacks) == ((3, 0) if arena_bytes == 1 << 20 else (0, 3))
+    assert in_use == 0
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_an_engine_process_that_cannot_start_says_why_and_leaves_no_arena(tmp_path):
+    from tests.training.conftest import make_byte_tokenizer
+
+    make_byte_tokenizer().save_pretrained(tmp_path)  # a tokenizer, and no model beside it
+    aeng = _process_engine(tmp_path)
+    with pytest.raises(EngineDeadError, match="failed to start"):
+        aeng.connect()
+    name = aeng._channel.arena.name
+    assert aeng._channel.arena.closed and not os.path.exists(f"/dev/shm/{name}")

@@ -37,6 +37,28 @@ def test_bad_prefix_is_refused_everywhere(shape_or_tensor, message):
     assert _state(engine) == before and "r" not in engine.requests
 
 
+def _one_at(value: float, dtype=torch.float32) -> torch.Tensor:
+    kv = torch.zeros(2, 2, 2, 4, 16, dtype=dtype)
+    kv[1, 0, 1, 2, 7] = value
+    return kv
+
+
+@pytest.mark.parametrize("kv, bad", [
+    (_one_at(float("nan")), 1),
+    (_one_at(float("-inf"), torch.bfloat16), 1),
+    (torch.cat([torch.full((1, 2, 2, 4, 16), 3e38), _one_at(float("inf"))[1:]]), 1),  # the sum overflows too
+    (torch.full((2, 2, 2, 4, 16), 3e38), 0),  # finite, though its float32 sum is inf
+    (torch.full((2, 2, 2, 4, 16), 6e4, dtype=torch.float16), 0),  # finite, its float16 sum would not be
+], ids=["one-nan", "one-inf-bf16", "inf-among-huge", "huge-finite", "large-fp16"])
+def test_the_finiteness_check_finds_one_bad_value_and_refuses_no_good_one(kv, bad):
+    engine = make_engine(tiny_llama())
+    if bad:
+        with pytest.raises(PrefixError, match=f"{bad} non-finite values"):
+            engine.make_prefix(kv)
+    else:
+        assert torch.equal(engine.make_prefix(kv).kv, kv.to(engine.dtype))
+
+
 def test_a_prefix_checked_against_another_model_is_refused_at_add_time():
     engine = make_engine(tiny_llama())
     other = make_engine(tiny_llama(seed=1))  # same shapes, other weights
