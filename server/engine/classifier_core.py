@@ -7,8 +7,9 @@ for all of them out (server/engine/classifier.py does the pass).
           send one StepBatch: each request's results in `kvs`, what was forgotten
 
 It speaks the decode loop's protocol (server/engine/engine_core.py): the same PrefixPayload
-(a prefix's tensor crosses once and is kept here within `host_prefix_bytes` until it is
-reported forgotten; `need_prefix` asks for it again), the same StepBatch and Stop.
+(a prefix's tensor crosses once and is kept here, server/engine/prefix_lru.py, within
+`host_prefix_bytes` until it is reported forgotten; `need_prefix` asks for it again),
+the same StepBatch and Stop.
 A request's rows never run half: a row that fails its check fails its whole request, and
 the other requests of the pass are run again without it.
 """
@@ -16,12 +17,12 @@ the other requests of the pass are run again without it.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from server.engine.classifier import ClassifyInput, PrefixClassifier
 from server.engine.engine_core import Abort, DropStale, PrefixPayload, StepBatch, Stop
+from server.engine.prefix_lru import PrefixLRU
 from server.prefix import Prefix
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,8 @@ class ClassifierCore:
     def __init__(self, classifier: PrefixClassifier, host_prefix_bytes: int = 1 << 30,
                  max_batch_tokens: int = 16384) -> None:
         self.classifier = classifier
-        self.host_prefix_bytes = host_prefix_bytes
         self.max_batch_tokens = max_batch_tokens
-        self._prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # host copies, LRU first
-        self._held = 0
+        self.prefixes = PrefixLRU(classifier.spec, host_prefix_bytes)  # host copies
         self.stopped = False
 
     def run(self, receive: Callable[[float | None], list[object]], send: Callable[[StepBatch], None],
@@ -61,20 +60,19 @@ class ClassifierCore:
             if isinstance(cmd, Classify):
                 if cmd.prefix is None:
                     jobs.append((cmd, None))
-                elif (prefix := self._prefix(cmd.prefix, batch)) is not None:
+                elif (prefix := self.prefixes.get(cmd.prefix)) is not None:
                     jobs.append((cmd, prefix))
                 else:
                     batch.need_prefix.append(cmd.request_id)
             elif isinstance(cmd, DropStale):
-                self._forget(batch, lambda key: any(
-                    getattr(r, "tenant", None) == cmd.tenant and getattr(r, "prefix_id", None) == cmd.prefix_id
-                    and r.version != cmd.keep_version for r in key))
+                self.prefixes.forget_stale(cmd.tenant, cmd.prefix_id, cmd.keep_version)
             elif isinstance(cmd, Stop):
                 self.stopped = True
             elif not isinstance(cmd, Abort):  # a classification runs in one pass: nothing to abort
                 log.warning("the classifier loop ignores %s", type(cmd).__name__)
         for chunk in self._chunks(jobs):
             batch.kvs.extend(self._classify(chunk))
+        batch.forgotten = self.prefixes.take_forgotten()
         return batch
 
     # ---- one pass
@@ -107,29 +105,3 @@ class ClassifierCore:
             out.append((cmd.request_id, results[at:at + len(cmd.rows)]))
             at += len(cmd.rows)
         return out
-
-    # ---- host copies of prefixes
-
-    def _prefix(self, payload: PrefixPayload, batch: StepBatch) -> Prefix | None:
-        prefix = self._prefixes.get(payload.key)
-        if prefix is not None:
-            self._prefixes.move_to_end(payload.key)
-            return prefix
-        if payload.kv is None:
-            return None  # forgotten here: the API sends it again
-        prefix = Prefix(kv=payload.kv, spec=self.classifier.spec, refs=payload.refs, head=payload.head)
-        if not payload.refs:
-            prefix = replace(prefix, serial=payload.key[1])
-        self._prefixes[payload.key] = prefix
-        self._held += prefix.nbytes
-        keep = payload.key
-        while self._held > self.host_prefix_bytes and len(self._prefixes) > 1:
-            key = next(k for k in self._prefixes if k != keep)
-            self._held -= self._prefixes.pop(key).nbytes
-            batch.forgotten.append(key)
-        return prefix
-
-    def _forget(self, batch: StepBatch, which: Callable[[tuple], bool]) -> None:
-        for key in [k for k in self._prefixes if which(k)]:
-            self._held -= self._prefixes.pop(key).nbytes
-            batch.forgotten.append(key)

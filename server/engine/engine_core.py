@@ -9,15 +9,15 @@
 # ops run on a non-main thread was measured 36% slower (OpenMP thread teams), and the API's
 # event loop no longer shares a GIL with the step's Python. Everything crossing the channel
 # is a small picklable dataclass below; a prefix's tensor crosses once (between processes in
-# a shared-memory slot, prefix_arena.py, not in the pickle), and the core keeps it (host LRU
-# within `host_prefix_bytes`) until it reports the key as forgotten.
+# a shared-memory slot, prefix_arena.py, not in the pickle), and the core keeps it
+# (server/engine/prefix_lru.py, within `host_prefix_bytes`) until it reports the key as
+# forgotten.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -27,6 +27,7 @@ import torch
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
 from server.engine.prefix_arena import ArenaSlot
+from server.engine.prefix_lru import PrefixLRU
 from server.engine.request import EngineLimits
 from server.engine.sampling_params import SamplingParams
 from server.prefix import ClassifierHead, Prefix, PrefixRef
@@ -115,10 +116,8 @@ class Died:
 class EngineCore:
     def __init__(self, engine: LLMEngine, host_prefix_bytes: int = 1 << 30) -> None:
         self.engine = engine
-        self.host_prefix_bytes = host_prefix_bytes
-        self._prefixes: OrderedDict[tuple, Prefix] = OrderedDict()  # host copies, LRU first
-        self._prefix_of: dict[str, tuple] = {}  # request id -> its prefix key
-        self._held = 0  # bytes of host copies
+        self.prefixes = PrefixLRU(engine.spec, host_prefix_bytes)  # host copies
+        self._prefix_of: dict[str, tuple] = {}  # request id -> its prefix key (pinned in `prefixes`)
         self._quiet: dict[str, dict[int, RequestOutput]] = {}  # non-streaming requests: each sample so far
         self._batch = StepBatch()
         self._added_through = 0  # the seq of the last AddRequest applied
@@ -142,7 +141,8 @@ class EngineCore:
                 self._release(cmd.request_id)
             elif isinstance(cmd, DropStale):
                 self.engine.kv.prefixes.drop_stale(cmd.tenant, cmd.prefix_id, cmd.keep_version)
-                self._forget_stale(cmd)
+                self.prefixes.forget_stale(cmd.tenant, cmd.prefix_id, cmd.keep_version,
+                                           set(self._prefix_of.values()))
             elif isinstance(cmd, Stop):
                 self.stopped = True
 
@@ -182,49 +182,14 @@ class EngineCore:
         tensor, and the API is asked (need_prefix) to send the command again with it."""
         if cmd.prefix is None:
             return True, None
-        prefix = self._prefix(cmd.prefix)
+        prefix = self.prefixes.get(cmd.prefix, set(self._prefix_of.values()))
         if prefix is None:
             self._batch.need_prefix.append(cmd.request_id)
             return False, None
         return True, prefix
 
-    def _prefix(self, payload: PrefixPayload) -> Prefix | None:
-        """The host copy of a request's prefix: kept from an earlier request, or made from
-        the payload (the API checked it; the spec is this engine's). None: send it again."""
-        prefix = self._prefixes.get(payload.key)
-        if prefix is not None:
-            self._prefixes.move_to_end(payload.key)
-            return prefix
-        if payload.kv is None:
-            return None
-        prefix = Prefix(kv=payload.kv, spec=self.engine.spec, refs=payload.refs,
-                        encoder_kv=payload.encoder_kv, cross_kv=payload.cross_kv)
-        if not payload.refs:  # anonymous: keep its own key, which the API knows it by
-            prefix = replace(prefix, serial=payload.key[1])
-        self._prefixes[payload.key] = prefix
-        self._held += prefix.nbytes
-        self._evict()
-        return prefix
-
     def _release(self, request_id: str) -> None:
         self._prefix_of.pop(request_id, None)
-
-    def _evict(self) -> None:
-        in_use = set(self._prefix_of.values())
-        for key in list(self._prefixes):
-            if self._held <= self.host_prefix_bytes:
-                return
-            if key not in in_use:
-                self._held -= self._prefixes.pop(key).nbytes
-                self._batch.forgotten.append(key)
-
-    def _forget_stale(self, cmd: DropStale) -> None:
-        in_use = set(self._prefix_of.values())
-        for key in [k for k in self._prefixes if k not in in_use and any(
-                getattr(r, "tenant", None) == cmd.tenant and getattr(r, "prefix_id", None) == cmd.prefix_id
-                and r.version != cmd.keep_version for r in k)]:
-            self._held -= self._prefixes.pop(key).nbytes
-            self._batch.forgotten.append(key)
 
     # ---- the loop
 
@@ -247,6 +212,7 @@ class EngineCore:
             for out in self.engine.step():
                 self._emit(out)
         batch, self._batch = self._batch, StepBatch()
+        batch.forgotten = self.prefixes.take_forgotten()
         batch.stats = self.engine.stats()
         batch.added_through = self._added_through
         return batch
