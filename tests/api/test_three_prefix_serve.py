@@ -4,8 +4,9 @@ tiny random BART of test_seq2seq_serve.py, a random three-prefix prefix uploaded
 safetensors file `prefix-serve train` writes (codec bytes: prefix_kv, encoder_kv, cross_kv),
 and the engine-level PrefixSeq2Seq on a Prefix with the same parts as the reference (that
 path is proven against an explicit reference in tests/engine/test_seq2seq_three_prefix.py).
-Alone, composed, and in a concurrent mix with a PEFT adapter and no prefix; dropping the
-parts changes the tokens (a server that lost them would fail); the refusals."""
+Alone, composed, in a concurrent mix with a PEFT adapter and no prefix, and the file a real
+`prefix-serve train` run writes; dropping the parts changes the tokens (a server that lost
+them would fail); the refusals."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def three_server(tmp_path_factory, redis_server, tokenizer):
             assert r.status_code in (200, 201), r.text
             r = c.post("/v1/generate", json={"prompt": "warm up", "max_tokens": 1}, timeout=900)
             assert r.status_code == 200, r.text
-        yield server, base, engine, prefixes, peft_reference, infos
+        yield server, base, engine, prefixes, peft_reference, infos, model_dir
     finally:
         server.stop()
 
@@ -74,7 +75,7 @@ def three_server(tmp_path_factory, redis_server, tokenizer):
 def want(three_server, tokenizer, prefix_id, prompt: str) -> list[int]:
     """The engine-level tokens for a three-prefix id (or a list: composed), PEFT's for the
     adapter, the base model's for none."""
-    _, base, engine, prefixes, peft_reference, _ = three_server
+    _, base, engine, prefixes, peft_reference, *_ = three_server
     ids = encode_text(tokenizer, prompt)
     if prefix_id is None or prefix_id == "peft-a":
         return _reference_tokens(base if prefix_id is None else peft_reference, ids, MAX_TOKENS, EOS)
@@ -91,7 +92,7 @@ def generate(client, prefix_id, prompt: str) -> list[int]:
 
 
 def test_the_metadata_shows_the_part_lengths(three_server):
-    server, *_, infos = three_server
+    server, *_, infos, _ = three_server
     assert (infos["three"]["num_virtual_tokens"], infos["three"]["encoder_tokens"],
             infos["three"]["cross_tokens"]) == (P_DEC, P_ENC, P_CROSS)
     assert infos["three"]["bytes"] == (P_DEC + P_ENC + P_CROSS) * 2 * 2 * 4 * 8 * 4  # L, k/v, heads, hd, fp32
@@ -111,6 +112,31 @@ def test_a_three_prefix_upload_generates_the_engine_level_tokens_and_its_parts_m
             assert decoder_only == want(three_server, tokenizer, "decoder-only", prompt), prompt
             # mutation sanity: a server that dropped the encoder and cross parts would give these
             assert got != decoder_only, prompt
+
+
+def test_the_file_prefix_serve_train_writes_uploads_and_serves(three_server, tokenizer, tmp_path):
+    import json
+
+    from server.cli import main
+
+    server, _, engine, *_, model_dir = three_server
+    data = tmp_path / "copy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": w, "completion": w}) + "\n" for w in ("abc", "hello", "the cat")))
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", "3",
+                 "--num-virtual-tokens", "2", "--encoder-tokens", "3", "--cross-tokens", "4", "--batch-size", "3",
+                 "--mid-dim", "16", "--device", "cpu"]) == 0
+    blob = (out / "prefix.safetensors").read_bytes()
+    stored = codec.load_all(blob)
+    prefix = Prefix.make(stored.kv, engine.spec, encoder_kv=stored.encoder_kv, cross_kv=stored.cross_kv)
+    with server.client() as c:
+        r = upload(c, "trained", blob, filename="prefix.safetensors")
+        assert r.status_code in (200, 201), r.text
+        assert (r.json()["num_virtual_tokens"], r.json()["encoder_tokens"], r.json()["cross_tokens"]) == (2, 3, 4)
+        for prompt in PROMPTS[:2]:
+            ids = encode_text(tokenizer, prompt)
+            [out_row] = engine.generate([Seq2SeqInput(ids, prefix, MAX_TOKENS)])
+            assert generate(c, "trained", prompt) == out_row.token_ids, prompt
 
 
 def test_composed_three_prefix_prefixes_join_each_part(three_server, tokenizer):
