@@ -25,7 +25,10 @@
 # - A load reads the version's copy in the engine's dtype when its record names one (half
 #   the bytes of float32 for bf16, no cast), else the tensor as stored, cast (and the store
 #   then writes the copy). Either is checked against a hash from the record, once per
-#   process (the store's VerifiedVersions, forgotten on reconnect).
+#   process (the store's VerifiedVersions, forgotten on reconnect). A seq2seq prefix whose
+#   record counts encoder or cross tokens (the three-prefix form) is read as stored, with
+#   its parts (get_version with_parts), and made with them; several such prefixes compose
+#   part by part (Prefix.compose concatenates each part on its own).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -180,8 +184,14 @@ class PrefixResolver:
         ref = record.ref
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
+        # A head, or a seq2seq prefix's encoder and cross parts (its record counts their
+        # tokens), live in the stored file only: read it as stored (make_prefix casts).
+        with_parts = bool(record.encoder_tokens or record.cross_tokens)
         try:
-            if self.with_heads:  # read as stored: the kv and its head (make_prefix casts the kv)
+            if with_parts:
+                got = await loop.run_in_executor(self._load_threads, partial(
+                    self.store.get_version, ref.tenant, ref.prefix_id, ref.version, with_parts=True))
+            elif self.with_heads:  # read as stored: the kv and its head (make_prefix casts the kv)
                 got = await loop.run_in_executor(self._load_threads, self.store.get_version, ref.tenant,
                                                  ref.prefix_id, ref.version, True)
             else:
@@ -192,9 +202,12 @@ class PrefixResolver:
                                     "unreachable; retry shortly") from e
         if got is None:  # replaced or deleted between the two reads, and its grace period is over
             raise PrefixNotFound(f"prefix {shorten(name)} not found (it was just replaced or deleted; retry)")
-        kv, head = got if self.with_heads else (got, None)
-        prefix = await loop.run_in_executor(self._load_threads, self.make_prefix, kv, (ref,),
-                                            *((head,) if self.with_heads else ()))
+        if with_parts:
+            make = partial(self.make_prefix, got.kv, (ref,), encoder_kv=got.encoder_kv, cross_kv=got.cross_kv)
+        else:
+            kv, head = got if self.with_heads else (got, None)
+            make = partial(self.make_prefix, kv, (ref,), *((head,) if self.with_heads else ()))
+        prefix = await loop.run_in_executor(self._load_threads, make)
         self.cache.put(prefix)
         if self.on_load is not None:
             self.on_load(time.perf_counter() - start)

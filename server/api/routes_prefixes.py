@@ -22,7 +22,7 @@ from server.api.generation import encode
 from server.api.routes_admin import storage_info
 from server.api.schemas import PrefixInfo, PrefixList, PromptPrefixRequest
 from server.api.model_kind import check_kind
-from server.api.upload import UploadError, parse_prefix_upload
+from server.api.upload import ParsedUpload, UploadError, parse_prefix_upload
 from server.prefix import ModelKind, shorten, validate_prefix_id
 
 router = APIRouter(tags=["prefixes"])
@@ -31,14 +31,15 @@ router = APIRouter(tags=["prefixes"])
 def prefix_info(r: PrefixRecord) -> PrefixInfo:
     return PrefixInfo(id=r.prefix_id, version=r.version, num_virtual_tokens=r.num_virtual_tokens, dtype=r.dtype,
                       bytes=r.bytes, created_at=r.created_at, description=r.description, shared=r.shared,
-                      kind=r.kind)
+                      kind=r.kind, encoder_tokens=r.encoder_tokens, cross_tokens=r.cross_tokens)
 
 
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {
         "type": "object", "required": ["file"], "properties": {
             "file": {"type": "string", "format": "binary",
-                     "description": "zip of a PEFT prefix-tuning adapter folder, or a .safetensors file"},
+                     "description": "zip of a PEFT prefix-tuning adapter folder, or a .safetensors file "
+                                    "(prefix_kv; for a seq2seq model also encoder_kv, cross_kv)"},
             "description": {"type": "string"},
             "num_virtual_tokens": {"type": "integer", "description": "rows of prompt_embeddings (optional check)"},
             "shared": {"type": "boolean", "description": "admin only: every tenant may use it as shared/<id>"},
@@ -55,13 +56,14 @@ async def upload_prefix(prefix_id: str, request: Request, response: Response,
     validate_prefix_id(prefix_id)
     if request.headers.get("content-type", "").startswith("application/json"):
         kv, description, shared, kind = await _prompt_prefix(ctx, request, caller)
-        head = None
+        parsed = ParsedUpload(kv)
     else:
-        kv, head, description, shared, kind = await _uploaded_prefix(ctx, request, caller)
+        parsed, description, shared, kind = await _uploaded_prefix(ctx, request, caller)
     limits = await ctx.admission.limits_of(caller.tenant)  # its storage quota: 403 above it, nothing stored
-    record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, kv,
+    record, created = await asyncio.to_thread(ctx.store.put, caller.tenant, prefix_id, parsed.kv,
                                               model_fingerprint=ctx.spec.fingerprint, description=description,
-                                              shared=shared, kind=kind, limits=limits, head=head,
+                                              shared=shared, kind=kind, limits=limits, head=parsed.head,
+                                              encoder_kv=parsed.encoder_kv, cross_kv=parsed.cross_kv,
                                               serving_dtype=ctx.engine.dtype)  # the copy this server reads
     response.status_code = 201 if created else 200
     return prefix_info(record)
@@ -83,7 +85,7 @@ async def _uploaded_prefix(ctx: ServerContext, request: Request, caller: Caller)
                                          max_prefix_bytes=ctx.settings.max_prefix_bytes)
     except UploadError as e:
         raise ApiError(e.status, str(e), e.kind) from e
-    return parsed.kv, parsed.head, description, shared, "tuned"
+    return parsed, description, shared, "tuned"
 
 
 async def _prompt_prefix(ctx: ServerContext, request: Request, caller: Caller):

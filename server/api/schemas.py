@@ -295,6 +295,8 @@ class PrefixInfo(BaseModel):
     description: str = ""
     shared: bool = False  # the admin's prefix, usable by every tenant as shared/<id>
     kind: Literal["tuned", "prompt"] = "tuned"  # prompt: computed from a text by the model
+    encoder_tokens: int = 0  # a seq2seq prefix's encoder self-attention part (three-prefix form), 0: none
+    cross_tokens: int = 0  # a seq2seq prefix's cross-attention part (three-prefix form), 0: none
 
 
 class PromptPrefixRequest(BaseModel):

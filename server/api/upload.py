@@ -1,7 +1,9 @@
 """Parsing and checking an uploaded prefix, in memory, trusting nothing in it.
 
 Accepted (docs/api.md): a zip of a HF PEFT prefix-tuning adapter folder, or a safetensors file
-holding `prompt_embeddings` [P, L*2*Hkv*hd] or `prefix_kv` [L, 2, Hkv, P, hd].
+holding `prompt_embeddings` [P, L*2*Hkv*hd] or `prefix_kv` [L, 2, Hkv, P, hd], the latter, for
+a seq2seq model, with the three-prefix form's optional `encoder_kv` and `cross_kv` parts
+[L, 2, Hkv, P_part, hd] (the file `prefix-serve train` writes).
 
 Refused with a message naming the problem: pickle files (`adapter_model.bin`, torch.save
 archives), zip entries with `..`, absolute paths or symlinks, too many zip entries, a
@@ -52,27 +54,50 @@ class UploadError(ValueError):
 class ParsedUpload:
     kv: torch.Tensor  # [L, 2, Hkv, P, hd], checked, its dtype as uploaded
     head: ClassifierHead | None = None  # a SEQ_CLS adapter's own classifier head
+    encoder_kv: torch.Tensor | None = None  # a seq2seq prefix's encoder self-attention part, checked
+    cross_kv: torch.Tensor | None = None  # a seq2seq prefix's cross-attention part, checked
 
 
 def parse_prefix_upload(data: bytes, spec: ModelSpec, *, filename: str | None = None,
                         num_virtual_tokens: int | None = None, max_prefix_bytes: int) -> ParsedUpload:
-    """The checked prefix of an uploaded file (and, for a SEQ_CLS adapter zip, its head), or UploadError."""
+    """The checked prefix of an uploaded file (and, for a SEQ_CLS adapter zip, its head; for a
+    seq2seq prefix file, its encoder and cross parts), or UploadError."""
     name = (filename or "").lower()
     if name.endswith(_PICKLE_SUFFIXES) or _looks_like_pickle(data):
         raise UploadError(f"{shorten(filename or 'the file')} is a pickle (PyTorch .bin/.pt) file; pickles can run "
                           "code and are refused: save the adapter with safetensors "
                           "(save_pretrained(..., safe_serialization=True))", 415, "unsupported_format")
-    head = None
+    head, parts = None, {}
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
         kv, head = _parse_adapter_zip(data, spec, max_prefix_bytes)
     else:
         tensors, metadata = read_safetensors(data, max_prefix_bytes, what=shorten(filename or "the file"))
         kv = _as_upload_error(kv_from_tensors, tensors, spec, num_virtual_tokens, metadata)
+        parts = {name: tensors[name] for name in PART_NAMES if name in tensors}
     _as_upload_error(validate_kv, kv, spec)
-    if kv.numel() * kv.element_size() > max_prefix_bytes:
-        raise UploadError(f"the prefix has {kv.numel() * kv.element_size()} bytes; the limit is "
-                          f"{max_prefix_bytes}", 413, "payload_too_large")
-    return ParsedUpload(kv.contiguous(), head)
+    for name, part in parts.items():
+        _check_part(name, part, kv, spec)
+    nbytes = sum(t.numel() * t.element_size() for t in (kv, *parts.values()))
+    if nbytes > max_prefix_bytes:
+        raise UploadError(f"the prefix has {nbytes} bytes; the limit is {max_prefix_bytes}", 413, "payload_too_large")
+    return ParsedUpload(kv.contiguous(), head, **{name: part.contiguous() for name, part in parts.items()})
+
+
+PART_NAMES = ("encoder_kv", "cross_kv")  # the three-prefix form's other parts (docs/peft-prefix-format.md)
+
+
+def _check_part(name: str, part: torch.Tensor, kv: torch.Tensor, spec: ModelSpec) -> None:
+    """A seq2seq prefix's encoder or cross part: only for a seq2seq model, in the model's
+    layout (its own length) and the dtype of `prefix_kv`."""
+    if spec.kind is not ModelKind.SEQ2SEQ_LM:
+        raise UploadError(f"the file holds {name} {list(part.shape)}, a part of the three-prefix form of an "
+                          f"encoder-decoder model; this server runs a {spec.kind.value} model, which takes only "
+                          "prefix_kv (or prompt_embeddings)", 422, "invalid_prefix")
+    _as_upload_error(validate_kv, part, spec, f"prefix {name}")
+    if part.dtype != kv.dtype:
+        raise UploadError(f"{name} is {str(part.dtype).removeprefix('torch.')} but prefix_kv is "
+                          f"{str(kv.dtype).removeprefix('torch.')}: the parts of one prefix need one dtype",
+                          422, "invalid_prefix")
 
 
 def _as_upload_error(fn, *args, kind: str = "invalid_prefix"):

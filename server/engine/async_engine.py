@@ -311,11 +311,12 @@ class AsyncEngine:
             waiting[tenant] = waiting.get(tenant, 0) + 1
         return waiting
 
-    def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = (), head: ClassifierHead | None = None
-                    ) -> Prefix:
+    def make_prefix(self, kv: torch.Tensor, refs: tuple[PrefixRef, ...] = (), head: ClassifierHead | None = None,
+                    encoder_kv: torch.Tensor | None = None, cross_kv: torch.Tensor | None = None) -> Prefix:
         """Check kv [L, 2, Hkv, P, hd] against the engine's model (once); a host copy in its dtype
-        (with a classification prefix's own head, for a seq_cls model)."""
-        return Prefix.make(kv, self.limits.spec, refs, self.dtype, head)
+        (with a classification prefix's own head, for a seq_cls model; with the encoder and
+        cross parts of a three-prefix one, for a seq2seq model)."""
+        return Prefix.make(kv, self.limits.spec, refs, self.dtype, head, encoder_kv, cross_kv)
 
     # ---- requests
 
