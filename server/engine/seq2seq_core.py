@@ -11,7 +11,7 @@ forward per step.
 
 It speaks the decode loop's protocol (server/engine/engine_core.py): AddRequest, Abort,
 DropStale and Stop in, StepBatch out; a prefix's tensor crosses once and is kept in a host
-LRU (prefix_copies.py) until it is reported forgotten (`need_prefix` asks for it again).
+LRU (prefix_lru.py) until it is reported forgotten (`need_prefix` asks for it again).
 
 # NOTE: memory. A request's state is its own plain tensors (DecoderState), NOT blocks of a
 # paged KV pool: its cross-attention kv over its S encoder tokens, and self-attention slots
@@ -39,7 +39,7 @@ from server.engine.detokenizer import Detokenizer, emittable, find_stop
 from server.engine.engine_core import AddRequest, Abort, ComputeKV, DropStale, StepBatch, Stop
 from server.engine.logprobs import token_logprobs
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
-from server.engine.prefix_copies import PrefixCopies
+from server.engine.prefix_lru import PrefixLRU
 from server.engine.request import EngineLimits, Request, RequestError, RequestStatus, check_request
 from server.engine.sampler import sample
 from server.engine.seq2seq import DecodeBatch, DecoderState, PrefixSeq2Seq
@@ -69,7 +69,7 @@ class Seq2SeqCore:
         self.limits = EngineLimits(spec=spec, vocab_size=model.vocab_size, num_blocks=self.budget, block_size=1,
                                    has_tokenizer=tokenizer is not None, max_num_seqs=config.max_num_seqs)
         self.detokenizer = Detokenizer(tokenizer)
-        self.prefixes = PrefixCopies(spec, host_prefix_bytes)
+        self.prefixes = PrefixLRU(spec, host_prefix_bytes)
         self.waiting: deque[_Row] = deque()
         self.running: list[_Row] = []
         self.reserved = 0  # token slots the running requests hold
@@ -88,9 +88,7 @@ class Seq2SeqCore:
             elif isinstance(cmd, Abort):
                 self._abort(cmd.request_id)
             elif isinstance(cmd, DropStale):
-                self.prefixes.forget(lambda key: any(
-                    getattr(r, "tenant", None) == cmd.tenant and getattr(r, "prefix_id", None) == cmd.prefix_id
-                    and r.version != cmd.keep_version for r in key), self._batch.forgotten)
+                self.prefixes.forget_stale(cmd.tenant, cmd.prefix_id, cmd.keep_version, self._pinned())
             elif isinstance(cmd, ComputeKV):
                 self._batch.kvs.append((cmd.request_id, RequestError(
                     "a prompt prefix (keys and values of a text) needs a causal_lm model")))
@@ -103,7 +101,7 @@ class Seq2SeqCore:
         self._added_through = max(self._added_through, cmd.seq)
         prefix = None
         if cmd.prefix is not None:
-            prefix = self.prefixes.get(cmd.prefix, self._batch.forgotten)
+            prefix = self.prefixes.get(cmd.prefix, self._pinned())
             if prefix is None:  # forgotten here: the API sends the command again, with the tensor
                 self._batch.need_prefix.append(cmd.request_id)
                 return
@@ -119,8 +117,6 @@ class Seq2SeqCore:
         cross = 0 if prefix is None else prefix.cross_length
         slots = len(req.prompt_token_ids) + cross + req.prefix_len + cmd.sampling.max_tokens
         key = None if cmd.prefix is None else cmd.prefix.key
-        if key is not None:
-            self.prefixes.use(key)
         self.waiting.append(_Row(req, cmd.stream, slots, key))
 
     def _abort(self, request_id: str) -> None:
@@ -143,6 +139,7 @@ class Seq2SeqCore:
         if self.running:
             self._decode_step()
         batch, self._batch = self._batch, StepBatch()
+        batch.forgotten.extend(self.prefixes.take_forgotten())
         batch.stats = self.stats()
         batch.added_through = self._added_through
         return batch
@@ -259,10 +256,12 @@ class Seq2SeqCore:
         row.req.error = message
         self._end(row, FinishReason.ERROR)
 
+    def _pinned(self) -> set[tuple]:
+        """The prefixes of the queued and running requests: host copies eviction keeps."""
+        return {r.prefix_key for r in (*self.waiting, *self.running) if r.prefix_key is not None}
+
     def _release(self, row: _Row) -> None:
-        if row.prefix_key is not None:
-            self.prefixes.release(row.prefix_key)
-            row.prefix_key = None
+        row.prefix_key = None  # no longer pinned in the host copies
 
     def _emit(self, req: Request) -> None:
         finished = req.is_finished
