@@ -71,6 +71,7 @@ class PrefixArena:
         """A new segment of `capacity_bytes`, owned (allocated from, and unlinked) by this process."""
         if capacity_bytes < ALIGN:
             raise ValueError(f"a prefix arena needs at least {ALIGN} bytes, got {capacity_bytes}")
+        sweep_stale_segments()
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         return cls(shared_memory.SharedMemory(name=name, create=True, size=capacity_bytes), owner=True)
 
@@ -167,6 +168,34 @@ class PrefixArena:
     def unlink(self) -> None:
         """Remove the segment from the system (the owner, at shutdown)."""
         self._segment.unlink()
+
+
+def sweep_stale_segments(folder: str = "/dev/shm") -> list[str]:
+    """Unlink the segments of owners that are gone: a segment outlives its owner only when
+    the owner and its resource tracker were both SIGKILLed (a whole process group). A
+    segment whose owner pid is alive (or not ours to signal) is left alone."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
+        if not name.startswith(SEGMENT_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except PermissionError:
+            continue  # alive, someone else's
+        except ProcessLookupError:
+            pass
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -115,3 +117,23 @@ def test_another_process_reads_the_slot_and_nothing_is_left_in_dev_shm():
     a.close()
     a.unlink()
     assert not os.path.exists(f"/dev/shm/{a.name}")
+
+
+def test_a_new_arena_unlinks_the_segments_of_dead_owners_only():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"/dev/shm/{SEGMENT_PREFIX}{dead.pid}-deadbeef"
+    alive = f"/dev/shm/{SEGMENT_PREFIX}{os.getpid()}-0badf00d"
+    for path in (stale, alive):
+        with open(path, "wb") as f:
+            f.write(b"x" * 64)
+    try:
+        a = PrefixArena.create(1 << 12)
+        assert not os.path.exists(stale)  # its owner is gone: swept
+        assert os.path.exists(alive)  # its owner (this test) lives: kept
+        a.close()
+        a.unlink()
+    finally:
+        for path in (stale, alive):
+            if os.path.exists(path):
+                os.unlink(path)
