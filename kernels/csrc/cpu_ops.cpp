@@ -458,6 +458,46 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// scores: [rows, n] contiguous -> (probs [rows, n] in the scores' dtype, lse [rows] float32):
+// probs = softmax(scale * scores) in float32, rounded to the dtype (HF's eager attention:
+// softmax(dtype=float32).to(dtype)), lse = log(sum(exp(scale * scores))). One pass per row.
+template <typename T>
+void softmax_lse_rows(const T* s, T* p, float* lse, int64_t rows, int64_t n, float scale) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* sr = s + r * n;
+      float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t k = 0; k < n; ++k) {
+        e[k] = load(sr, k) * scale;
+        m = std::max(m, e[k]);
+      }
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < n; ++k) {
+        e[k] = exp_f32(e[k] - m);
+        sum += e[k];
+      }
+      const float inv = 1.f / sum;
+      T* pr = p + r * n;
+      for (int64_t k = 0; k < n; ++k) store(pr, k, e[k] * inv);
+      lse[r] = m + std::log(sum);
+    }
+  });
+}
+
+std::vector<at::Tensor> softmax_lse(const at::Tensor& scores, double scale) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous(), "softmax_lse needs a contiguous [rows, n] tensor");
+  at::Tensor probs = at::empty_like(scores);
+  at::Tensor lse = at::empty({scores.size(0)}, scores.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "softmax_lse", [&] {
+    softmax_lse_rows<scalar_t>(scores.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                               scores.size(0), scores.size(1), static_cast<float>(scale));
+  });
+  return {probs, lse};
+}
+
 // x: [rows, cols] -> [rows] int64: the first index of each row's maximum (greedy decoding on
 // logits in their own dtype: argmax of bfloat16 values equals argmax of their float32 copies).
 at::Tensor argmax_rows(const at::Tensor& x) {
@@ -477,5 +517,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "rotary position embedding, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum");
+  m.def("softmax_lse", &softmax_lse, "softmax of scale * scores rounded to their dtype, and the log-sum-exp");
   m.def("rotary_and_store", &rotary_and_store, "rotary on k in place, then k and v into the paged caches");
 }

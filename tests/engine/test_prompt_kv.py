@@ -68,3 +68,28 @@ def test_a_text_that_leaves_no_room_is_refused_and_nothing_leaks():
         engine.prompt_kv([5] * 256)
     assert engine.prompt_kv([5] * 255).shape[3] == 255
     assert engine.kv.pool.num_free == free and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("make_base", [tiny_llama, tiny_qwen3], ids=["llama-gqa", "qwen3"])
+def test_long_prompt_prefixes_attended_apart_equal_their_text(make_base):
+    """Prompt prefixes of at least DENSE_PREFIX_MIN tokens: a prefill chunk of more than
+    DECODE_MAX_Q tokens attends to them once per distinct prefix and merges with its own
+    part by log-sum-exp (kernels/cpu_attention.py). Several requests on one such prefix, one
+    on another, and one on none, in one batch, give what sending each text gives."""
+    from kernels import cpu_attention, cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("the CPU kernels do not build here")
+    engine = make_engine(make_base(), num_blocks=512, block_size=4)
+    g = torch.Generator().manual_seed(5)
+    texts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (cpu_attention.DENSE_PREFIX_MIN + 22,
+                                                                         cpu_attention.DENSE_PREFIX_MIN)]
+    first, second = (engine.make_prefix(engine.prompt_kv(t)) for t in texts)
+    conts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (12, 9, 20, 15, 11)]
+    for cont, (prefix, text) in zip(conts[:2], [(first, texts[0]), (second, texts[1])]):
+        got, want = engine.score(cont, prefix), engine.score(text + cont)[len(text):]
+        assert (got - want).abs().max().item() < 1e-4
+    prefixes = [first, first, first, second, None]
+    got = _greedy(engine, conts, prefixes)
+    assert got[:4] == _greedy(engine, [texts[0] + c for c in conts[:3]] + [texts[1] + conts[3]], [None] * 4)
+    assert got[4] == _greedy(engine, [conts[4]], [None])[0]

@@ -33,6 +33,10 @@ CASES = [
     Case("prefix_not_block_multiple", (2, 1), (5, 7), (2, 13)),
     Case("shared_prefix_blocks", (1, 3, 1, 2), (6, 9, 6, 6), (4, 3, 8, 5), prefix_groups=(0, 1, 0, 0)),
     Case("long_context", (1, 3), (40, 21), (37, 30)),  # several key tiles per segment
+    # prefill chunks of three requests on one prefix (one a later chunk), a decode on it, and
+    # a chunk on another prefix: with a low DENSE_PREFIX_MIN both prefixes are attended apart
+    Case("chunks_sharing_a_prefix", (12, 9, 1, 10, 11), (40, 40, 40, 7, 0), (12, 20, 5, 10, 11),
+         prefix_groups=(0, 0, 0, 1, 2)),
 ]
 
 

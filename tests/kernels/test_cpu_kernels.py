@@ -23,6 +23,7 @@ def built():
     assert cpu_ops.available(), "the CPU kernels did not build on this machine (see the log)"
 
 
+@pytest.mark.parametrize("dense_prefix_min", [128, 4], ids=["prefix-padded", "prefix-apart"])
 @pytest.mark.parametrize("layout", ["slot-major", "head-major"])
 @pytest.mark.parametrize("decode_max_q", [0, 2, 64], ids=["all-sdpa", "split", "all-cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -30,8 +31,9 @@ def built():
 @pytest.mark.parametrize("block_size", [4, 16], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_attention_matches_naive(case: Case, block_size: int, group: int, dtype: torch.dtype, decode_max_q: int,
-                                 layout: str, monkeypatch) -> None:
+                                 layout: str, dense_prefix_min: int, monkeypatch) -> None:
     monkeypatch.setattr(cpu_attention, "DECODE_MAX_Q", decode_max_q)
+    monkeypatch.setattr(cpu_attention, "DENSE_PREFIX_MIN", dense_prefix_min)
     batch = make_batch(case, block_size, NUM_KV_HEADS, group, HEAD_DIM, dtype)
     if layout == "head-major":
         batch = head_major(batch)
