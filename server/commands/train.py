@@ -60,9 +60,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 SEQ2SEQ_FILE = "prefix.safetensors"  # the three-prefix form, as prefix_store.codec writes it
 
 
+def _with_progress(steps: int, train):
+    """train(progress) under a progress bar on stderr; None when interrupted (Ctrl-C: nothing
+    is written)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(step: int, total: int, loss: float) -> bool:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        return True
+
+    try:
+        return train(progress)
+    except KeyboardInterrupt:
+        print("\nprefix-serve train: interrupted; nothing written", file=sys.stderr)
+        return None
+    finally:
+        bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     if args.model is not None and _is_seq2seq(args.model):
         return run_seq2seq(args)
@@ -101,21 +121,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"training {config.num_virtual_tokens} virtual tokens on {len(data)} examples from {args.data} "
           f"({loaded.name}, {spec.num_layers} layers, {spec.num_kv_heads} kv heads)", file=sys.stderr)
 
-    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(step: int, total: int, loss: float) -> bool:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        return True
-
-    try:
-        result = train_prefix(loaded.model, data, config, tokenizer=loaded.tokenizer, task_kv=task_kv,
-                              progress=progress)
-    except KeyboardInterrupt:
-        print("\nprefix-serve train: interrupted; nothing written", file=sys.stderr)
+    result = _with_progress(config.steps, lambda progress: train_prefix(
+        loaded.model, data, config, tokenizer=loaded.tokenizer, task_kv=task_kv, progress=progress))
+    if result is None:
         return 130
-    finally:
-        bar.close()
     out = write_adapter(result.kv, args.out, spec, mid_dim=config.mid_dim, base_model_name_or_path=loaded.path)
     summary = {
         "data": str(args.data), "examples": len(data), "model": loaded.path,
@@ -142,7 +151,6 @@ def _is_seq2seq(folder: str) -> bool:
 
 def run_seq2seq(args: argparse.Namespace) -> int:
     """Train a three-prefix on a BART or T5 folder; see the module's docstring."""
-    from tqdm import tqdm
     from transformers import AutoModelForSeq2SeqLM
 
     from prefix_store import codec
@@ -178,20 +186,10 @@ def run_seq2seq(args: argparse.Namespace) -> int:
     print(f"training decoder {config.num_virtual_tokens}, encoder {config.encoder_tokens} and cross "
           f"{config.cross_tokens} virtual tokens on {len(data)} examples from {args.data} ({args.model}, "
           f"{engine.spec.num_layers} layers)", file=sys.stderr)
-    bar = tqdm(total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(step: int, total: int, loss: float) -> bool:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        return True
-
-    try:
-        result = train_three_prefix(engine, data, config, tokenizer=tokenizer, progress=progress)
-    except KeyboardInterrupt:
-        print("\nprefix-serve train: interrupted; nothing written", file=sys.stderr)
+    result = _with_progress(config.steps, lambda progress: train_three_prefix(
+        engine, data, config, tokenizer=tokenizer, progress=progress))
+    if result is None:
         return 130
-    finally:
-        bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_bytes, version = codec.encode(result.kv, encoder_kv=result.encoder_kv, cross_kv=result.cross_kv)
