@@ -38,6 +38,8 @@ All names start with `prefix_serve_`. Counters end in `_total` when exposed.
 | device_prefix_cache_{hits,misses,evictions}_total | counter |                    | EngineStats |
 | host_prefixes / host_prefix_bytes             | gauge     |                      | host prefix cache (validated tensors in RAM) |
 | host_prefix_cache_{hits,misses,evictions}_total | counter |                      | host prefix cache |
+| prefix_arena_bytes / _used_bytes / _slots     | gauge     |                      | the prefix arena (shared memory from the API process to the engine process) |
+| prefix_arena_{puts,fallbacks}_total           | counter   |                      | the prefix arena (fallbacks: it was full, the tensor went through the pipe) |
 | store_errors_total                            | counter   |                      | store: operations that found Redis unreachable |
 | training_jobs                                 | gauge     | status               | job-count snapshot function |
 """
@@ -67,6 +69,17 @@ JOB_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
 UNMATCHED_ROUTE = "unmatched"  # 404s for unknown paths, and bodies refused before routing
 TENANT_STATE_KEY = "tenant"  # request.state.tenant, set by authentication
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")  # prefix_store.job.JobStatus
+
+
+class ArenaView(Protocol):
+    """What the prefix arena (server.engine.prefix_arena.PrefixArena) shows to metrics."""
+
+    capacity: int
+    used_bytes: int
+    puts: int
+    fallbacks: int
+
+    def __len__(self) -> int: ...
 
 
 class HostCacheView(Protocol):
@@ -128,6 +141,18 @@ _HOST_FAMILIES = (
     _Family("host_prefix_cache_evictions", "counter", "Prefixes evicted from host memory (LRU).",
             lambda c: c.evictions),
 )
+_ARENA_FAMILIES = (
+    _Family("prefix_arena_bytes", "gauge", "Size of the shared-memory arena that hands prefixes to the engine process.",
+            lambda a: a.capacity),
+    _Family("prefix_arena_used_bytes", "gauge", "Bytes of the arena in slots the engine has not copied out yet.",
+            lambda a: a.used_bytes),
+    _Family("prefix_arena_slots", "gauge", "Arena slots the engine has not copied out yet.", len),
+    _Family("prefix_arena_puts", "counter", "Prefix tensors handed to the engine through the arena.",
+            lambda a: a.puts),
+    _Family("prefix_arena_fallbacks", "counter",
+            "Prefix tensors that found the arena full and went through the pipe (pickled) instead.",
+            lambda a: a.fallbacks),
+)
 _STORE_ERRORS = _Family("store_errors", "counter", "Store operations that found Redis unreachable.", lambda n: n)
 _JOBS = _Family("training_jobs", "gauge", "Personalization jobs by status (from the job queue).", lambda n: n)
 
@@ -151,7 +176,7 @@ class _SnapshotCollector(Collector):
         self._m = metrics
 
     def describe(self) -> list[Metric]:
-        families = [*_ENGINE_FAMILIES, _WAITING, *_HOST_FAMILIES, _STORE_ERRORS]
+        families = [*_ENGINE_FAMILIES, _WAITING, *_HOST_FAMILIES, *_ARENA_FAMILIES, _STORE_ERRORS]
         return [_empty(f) for f in families] + [_empty(_JOBS, ["status"])]
 
     def collect(self) -> Iterable[Metric]:
@@ -161,6 +186,8 @@ class _SnapshotCollector(Collector):
             self._guarded(out, "engine", lambda: self._engine(m._engine_stats(), m._engine_waiting))
         if m._host_cache is not None:
             self._guarded(out, "host cache", lambda: [_single(f, m._host_cache) for f in _HOST_FAMILIES])
+        if m._arena is not None:
+            self._guarded(out, "prefix arena", lambda: [_single(f, m._arena) for f in _ARENA_FAMILIES])
         if m._store_errors is not None:
             self._guarded(out, "store", lambda: [_single(_STORE_ERRORS, m._store_errors())])
         if m._job_counts is not None:
@@ -224,6 +251,7 @@ class Metrics:
         self._engine_waiting: Callable[[], int] | None = None
         self._host_cache: HostCacheView | None = None
         self._store_errors: Callable[[], int] | None = None
+        self._arena: ArenaView | None = None
         self._job_counts: Callable[[], Mapping[str, int]] | None = None
         self.registry.register(_SnapshotCollector(self))
 
@@ -236,6 +264,10 @@ class Metrics:
 
     def watch_host_cache(self, cache: HostCacheView) -> None:
         self._host_cache = cache
+
+    def watch_arena(self, arena: ArenaView) -> None:
+        """The engine process's prefix arena (none with an in-process engine, or arena off)."""
+        self._arena = arena
 
     def watch_store_errors(self, errors: Callable[[], int]) -> None:
         self._store_errors = errors

@@ -104,6 +104,8 @@ def create_app(settings: Settings, engine: AsyncEngine, store: PrefixStore, *, m
     # snapshot sources are read at scrape time; added last = outermost, so 413s count too
     ctx.metrics.watch_engine(engine.stats, lambda: engine.num_waiting)
     ctx.metrics.watch_host_cache(resolver.cache)
+    if engine.arena is not None:
+        ctx.metrics.watch_arena(engine.arena)
     ctx.metrics.watch_store_errors(lambda: store.errors)
     resolver.on_load = ctx.metrics.observe_prefix_load
     ctx.metrics.watch_jobs(ctx.jobs.status_counts)

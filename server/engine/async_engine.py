@@ -296,6 +296,12 @@ class AsyncEngine:
         return self._stats
 
     @property
+    def arena(self) -> PrefixArena | None:
+        """The shared-memory arena prefixes reach the engine process through (None in-process
+        or with the arena off); metrics read it."""
+        return getattr(self._channel, "arena", None)
+
+    @property
     def num_waiting(self) -> int:
         """Requests that wait for a slot: those waiting at the last step, and those sent since,
         less the slots free at the last step (requests sent into free slots run at the next

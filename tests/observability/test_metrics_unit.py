@@ -88,6 +88,32 @@ def test_a_failing_source_leaves_the_others_on_the_page():
     assert one(s, "prefix_serve_store_errors_total") == 9
 
 
+def test_prefix_arena_families_read_the_arena_at_every_scrape():
+    import torch
+
+    from server.engine.prefix_arena import ALIGN, PrefixArena
+
+    arena = PrefixArena.create(4 * ALIGN)
+    try:
+        m = Metrics()
+        m.watch_arena(arena)
+        s = samples(m)
+        assert one(s, "prefix_serve_prefix_arena_bytes") == 4 * ALIGN
+        assert one(s, "prefix_serve_prefix_arena_slots") == one(s, "prefix_serve_prefix_arena_used_bytes") == 0
+        held = arena.put(torch.zeros(ALIGN // 4))  # one aligned slot
+        assert arena.put(torch.zeros(4 * ALIGN)) is None  # no room: the pipe takes it
+        s = samples(m)
+        assert one(s, "prefix_serve_prefix_arena_slots") == 1
+        assert one(s, "prefix_serve_prefix_arena_used_bytes") == ALIGN
+        assert one(s, "prefix_serve_prefix_arena_puts_total") == 1
+        assert one(s, "prefix_serve_prefix_arena_fallbacks_total") == 1
+        arena.free(held.id)
+        assert one(samples(m), "prefix_serve_prefix_arena_used_bytes") == 0
+    finally:
+        arena.close()
+        arena.unlink()
+
+
 def test_jobs_by_status_include_zeros_and_durations_by_status():
     m = Metrics()
     m.watch_jobs(lambda: {"running": 2, "failed": 1})
