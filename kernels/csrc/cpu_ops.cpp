@@ -97,8 +97,9 @@ inline float exp_f32(float x) {
   return x > 88.72283f ? std::numeric_limits<float>::infinity() : (x < -87.33654f ? 0.f : out);
 }
 
-// Softmax over scores[0..n) in place (float32), then scaled to sum to 1.
-inline void softmax_inplace(float* sg, int64_t n) {
+// Softmax over scores[0..n) in place (float32), then scaled to sum to 1; returns the
+// log-sum-exp of the scores.
+inline float softmax_inplace(float* sg, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t k = 0; k < n; ++k) m = std::max(m, sg[k]);
   float sum = 0.f;
@@ -110,6 +111,7 @@ inline void softmax_inplace(float* sg, int64_t n) {
   const float inv = 1.f / sum;
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) sg[k] *= inv;
+  return m + std::log(sum);
 }
 
 // One query row's `group` heads (those sharing one kv head) against `visible` key rows:
@@ -480,22 +482,11 @@ void softmax_lse_rows(const T* s, T* p, float* lse, int64_t rows, int64_t n, flo
     std::vector<float> e(n);
     for (int64_t r = begin; r < end; ++r) {
       const T* sr = s + r * n;
-      float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t k = 0; k < n; ++k) {
-        e[k] = load(sr, k) * scale;
-        m = std::max(m, e[k]);
-      }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < n; ++k) {
-        e[k] = exp_f32(e[k] - m);
-        sum += e[k];
-      }
-      const float inv = 1.f / sum;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) e[k] = load(sr, k) * scale;
+      lse[r] = softmax_inplace(e.data(), n);
       T* pr = p + r * n;
-      for (int64_t k = 0; k < n; ++k) store(pr, k, e[k] * inv);
-      lse[r] = m + std::log(sum);
+      for (int64_t k = 0; k < n; ++k) store(pr, k, e[k]);
     }
   });
 }
