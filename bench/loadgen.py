@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class Stream:
     body: Callable[[int], dict]  # i -> the i-th request's /v1/generate body ("stream" is set here)
     concurrency: int = 0  # closed loop: this many clients, one request in flight each
     rate: float = 0.0  # open loop: requests a second, on schedule
+    poisson_seed: int | None = None  # open loop: exponential gaps (a Poisson process) from this seed, so the
+    # arrivals fall at every phase of the engine's step cycle, not at one (fixed gaps of 1 / rate otherwise)
     max_requests: int = 10_000
     start_after_s: float = 0.0
 
@@ -119,8 +122,12 @@ async def run_load(url: str, streams: list[Stream], duration_s: float) -> list[R
         await asyncio.sleep(stream.start_after_s)
         tasks = []
         start = time.perf_counter()
+        rng = random.Random(stream.poisson_seed)
+        due = 0.0
         for i in range(min(stream.max_requests, MAX_REQUESTS)):
-            delay = start + i / stream.rate - time.perf_counter()
+            if i:
+                due += rng.expovariate(stream.rate) if stream.poisson_seed is not None else 1 / stream.rate
+            delay = start + due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(_fresh_connection(one, host, port, stream, i)))

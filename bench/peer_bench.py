@@ -253,7 +253,9 @@ class PrefixServe:
 def llama_version(llama_cpp: Path) -> str:
     out = subprocess.run([str(llama_cpp / "build" / "bin" / "llama-server"), "--version"], capture_output=True, text=True)
     text = (out.stdout + out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
+    said = text.splitlines()[0] if text else "unknown"
+    source = llama_cpp / "SOURCE"  # written by setup_peers.sh: the server's own line may name no real commit
+    return f"{source.read_text().strip()}; llama-server --version: {said}" if source.exists() else said
 
 
 def report(rows: dict, ours: str) -> dict:

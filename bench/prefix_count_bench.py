@@ -2,7 +2,7 @@
 prefixes in flight, on a working set larger than the device and host budgets, so that
 prefixes stream from Redis (as S-LoRA's throughput-against-adapter-count figure).
 
-    .venv/bin/python bench/prefix_count_bench.py            # about 8 minutes
+    .venv/bin/python bench/prefix_count_bench.py            # about 20 minutes
     .venv/bin/python bench/prefix_count_bench.py --quick    # smoke run
 
 A real `prefix-serve serve` (SmolLM2, bfloat16) with small budgets: a KV pool of 160 MiB
@@ -15,10 +15,10 @@ drawn at random from the first N. Each point starts with 64 short requests on it
 prefixes; the points run twice, in the order 1, 64, 512, 4096, 4096, 512, 64, 1, and the
 two runs of a point are averaged. Target: at most 10% less throughput at 4,096 than at 1.
 
-Then a storm of cold prefixes beside warm traffic: a warm tenant sends a request a second
-to one resident prefix (streamed, TTFT measured) while 96 other clients request prefixes
+Then a storm of cold prefixes beside warm traffic: a warm tenant sends two requests a second,
+Poisson arrivals, to one resident prefix (streamed, TTFT measured) while 96 other clients request prefixes
 drawn from all 4,096 (almost every one a load from Redis); against the same warm tenant
-beside 96 clients on one resident prefix. Loads run at most `prefix_load_concurrency` (4)
+beside 96 clients on one resident prefix; the two alternate twice, pooled. Loads run at most `prefix_load_concurrency` (4)
 at a time; the storm is run again with 64 at a time to show what the cap buys.
 Writes bench/results/prefix_count_bench.json and bench/results/prefix_count.png. The
 machine is shared with other work: compare numbers within one run.
@@ -121,20 +121,33 @@ def point(url: str, key: str, num_prefixes: int, clients: int, per_client: int, 
             "latency_s": s["latency_s"], "server": delta}
 
 
-def storm(url: str, keys: dict, cold_prefixes: int, duration: float, new_tokens: int) -> dict:
-    """The warm tenant's TTFT beside 96 clients on cold prefixes, and beside 96 on a warm one."""
-    out = {}
-    for kind, n in (("beside_warm_load", 1), ("beside_cold_storm", cold_prefixes)):
-        streams = [Stream("load", keys["bench"], request_body(n, 77, new_tokens), concurrency=96),
-                   Stream("warm", keys["warm"], lambda i: {"prefix_id": "w0", "prompt": [100 + i % 50] * 24,
-                                                           "max_tokens": 8, "ignore_eos": True},
-                          rate=1.0, max_requests=int(duration - 6), start_after_s=5.0)]
-        records = asyncio.run(run_load(url, streams, duration))
-        out[kind] = {"warm": summary(records, "warm"), "load": summary(records, "load")}
-        time.sleep(3)
+def storm(url: str, keys: dict, cold_prefixes: int, duration: float, new_tokens: int, rounds: int = 2) -> dict:
+    """The warm tenant's TTFT beside 96 clients on cold prefixes, and beside 96 on a warm one.
+
+    The warm tenant's requests arrive as a Poisson process (2 a second), so they sample every
+    phase of the step cycle; the two conditions alternate for `rounds` rounds and each one's
+    warm requests are pooled across its rounds."""
+    rate = 2.0
+    pooled: dict[str, dict[str, list]] = {}
+    for r in range(rounds):
+        for kind, n in (("beside_warm_load", 1), ("beside_cold_storm", cold_prefixes)):
+            streams = [Stream("load", keys["bench"], request_body(n, 77 + r, new_tokens), concurrency=96),
+                       Stream("warm", keys["warm"], lambda i: {"prefix_id": "w0", "prompt": [100 + i % 50] * 24,
+                                                               "max_tokens": 8, "ignore_eos": True},
+                              rate=rate, poisson_seed=1000 * r + n, max_requests=int((duration - 8) * rate),
+                              start_after_s=5.0)]
+            records = asyncio.run(run_load(url, streams, duration))
+            runs = pooled.setdefault(kind, {"records": [], "rounds": []})
+            runs["records"] += records
+            runs["rounds"].append(summary(records, "warm")["ttft_s"])
+            time.sleep(3)
+    out = {kind: {"warm": summary(p["records"], "warm"), "load": summary(p["records"], "load"),
+                  "warm_ttft_s_per_round": p["rounds"]} for kind, p in pooled.items()}
+    out["warm_arrivals"] = f"Poisson, {rate:g}/s, {rounds} rounds of {duration:g} s per condition, pooled"
     cold, warm = (out[k]["warm"]["ttft_s"] for k in ("beside_cold_storm", "beside_warm_load"))
     # None when the warm tenant got no first token within the duration (a machine too slow for it)
     out["warm_ttft_ratio"] = cold["p50"] / warm["p50"] if cold and warm else None
+    out["warm_ttft_ratio_p90"] = cold["p90"] / warm["p90"] if cold and warm else None
     return out
 
 
@@ -167,7 +180,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--per-client", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--storm-duration", type=float, default=30.0)
+    ap.add_argument("--storm-duration", type=float, default=45.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_count_bench.json"))
     args = ap.parse_args()

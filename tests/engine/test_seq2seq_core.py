@@ -153,6 +153,33 @@ def test_a_full_budget_queues_requests_until_slots_come_back(setup):
     assert "needs 58 token slots (prompt 30 + prefix 8 + max_tokens 20); the engine holds 44" in str(err)
 
 
+def test_freed_slots_go_to_the_least_served_tenant_not_the_oldest_request(setup):
+    base, engine, adapters = setup
+    # the budget holds two requests: a tenant that floods the queue first does not hold
+    # every slot until its backlog drains; the later tenant's requests are admitted between
+    core = Seq2SeqCore(engine, config=EngineConfig(num_blocks=2 * (6 + 4), block_size=1))
+    flood = [AddRequest(f"a{i}", _ids(60 + i, 6), SamplingParams(max_tokens=4, ignore_eos=True), None, float(i),
+                        tenant="a") for i in range(6)]
+    late = [AddRequest(f"b{i}", _ids(70 + i, 6), SamplingParams(max_tokens=4, ignore_eos=True), None, 10.0 + i,
+                       tenant="b") for i in range(2)]
+    core.apply(flood)
+    core.step()  # a0 and a1 run
+    core.apply(late)
+    order: list[str] = []
+    for _ in range(100):
+        if not core.has_unfinished():
+            break
+        before = {r.req.request_id for r in core.running}
+        core.step()
+        order += [r.req.request_id for r in core.running if r.req.request_id not in before]
+    # FIFO would admit a2..a5 before b0; VTC admits b0 first (b joined at a's counter: idle
+    # time is no credit) and then alternates, b1 before the end of a's backlog
+    assert order[0] == "b0" and order.index("b1") < order.index("a4"), order
+    assert sorted(order) == [f"a{i}" for i in range(2, 6)] + ["b0", "b1"] and core.reserved == 0
+    # within a tenant, first come first served
+    assert [r for r in order if r.startswith("a")] == ["a2", "a3", "a4", "a5"]
+
+
 def test_non_streaming_requests_get_one_output(setup):
     base, engine, adapters = setup
     core = Seq2SeqCore(engine)
