@@ -1,7 +1,8 @@
 """Bytes one resident prefix takes in each tier, measured, and how many fit in 1 GiB.
 
     Redis   used_memory growth of a real redis-server per prefix put through PrefixStore
-            (the float32 safetensors bytes, the record, the id index)
+            (the float32 safetensors bytes, the record, the id index), with the copy in the
+            serving dtype that an HTTP upload stores beside it (`redis`) and without it
     host    Prefix.nbytes of the engine's host copy (the serving dtype), what HostPrefixes
             counts against its budget
     device  the KV-pool blocks a resident prefix holds (whole blocks of block_size tokens)
@@ -54,6 +55,11 @@ def main() -> None:
         before = int(r.info("memory")["used_memory"])
         records = [store.put("acme", f"p{i}", kv, model_fingerprint=spec.fingerprint)[0] for i, kv in enumerate(kvs)]
         redis_bytes = (int(r.info("memory")["used_memory"]) - before) / args.prefixes
+        # as an upload through HTTP stores it: the float32 tensor and its copy in the serving dtype
+        before = int(r.info("memory")["used_memory"])
+        for i, kv in enumerate(kvs):
+            store.put("acme", f"s{i}", kv, model_fingerprint=spec.fingerprint, serving_dtype=engine.dtype)
+        redis_served_bytes = (int(r.info("memory")["used_memory"]) - before) / args.prefixes
         store.close()
         r.close()
 
@@ -71,11 +77,12 @@ def main() -> None:
     block_bytes = cache.numel() // cache.shape[2] * cache.element_size()
     device_bytes = sum(len(e.blocks) for e in resident) * block_bytes / args.prefixes
 
-    tiers = {"redis": redis_bytes, "host": host_bytes, "device": device_bytes}
+    tiers = {"redis": redis_served_bytes, "redis_float32_only": redis_bytes, "host": host_bytes,
+             "device": device_bytes}
     result = {
         "model": "SmolLM2-135M-Instruct", "num_virtual_tokens": args.length, "prefixes": args.prefixes,
         "shape": list(spec.kv_shape(args.length)), "serving_dtype": str(engine.dtype).removeprefix("torch."),
-        "stored_dtype": "float32", "block_size": engine.config.block_size,
+        "stored_dtype": "float32, plus a copy in the serving dtype (redis); float32 alone (redis_float32_only)", "block_size": engine.config.block_size,
         "bytes_per_prefix": {k: round(v) for k, v in tiers.items()},
         "prefixes_per_gib": {k: int(GIB // v) for k, v in tiers.items()},
         "when": time.strftime("%Y-%m-%d"),

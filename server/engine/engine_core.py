@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from server.engine.guided_decoding import PendingCompiles
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
 from server.engine.prefix_arena import ArenaSlot
@@ -122,8 +122,7 @@ class EngineCore:
         self._batch = StepBatch()
         self._added_through = 0  # the seq of the last AddRequest applied
         # structured output: requests whose pattern compiles on a thread, off the step loop
-        self._compiling: dict[str, tuple[Future, AddRequest]] = {}
-        self._compiler: ThreadPoolExecutor | None = None
+        self._compiling = PendingCompiles(engine.guides)
         self.stopped = False
 
     # ---- commands
@@ -135,7 +134,7 @@ class EngineCore:
             elif isinstance(cmd, ComputeKV):
                 self._compute_kv(cmd)
             elif isinstance(cmd, Abort):
-                self._compiling.pop(cmd.request_id, None)
+                self._compiling.discard(cmd.request_id)
                 self._quiet.pop(cmd.request_id, None)
                 self.engine.abort(cmd.request_id)
                 self._release(cmd.request_id)
@@ -148,11 +147,7 @@ class EngineCore:
 
     def _add(self, cmd: AddRequest) -> None:
         self._added_through = max(self._added_through, cmd.seq)
-        regex, guides = cmd.sampling.guided_regex, self.engine.guides
-        if regex is not None and guides is not None and not guides.has(regex):
-            if self._compiler is None:
-                self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guide-compiler")
-            self._compiling[cmd.request_id] = (self._compiler.submit(guides.index, regex), cmd)
+        if self._compiling.defer(cmd):
             return
         ready, prefix = self._command_prefix(cmd)
         if not ready:
@@ -195,12 +190,9 @@ class EngineCore:
 
     def _add_compiled(self) -> None:
         """Add the requests whose pattern has compiled (or reject them, saying why)."""
-        for request_id, (future, cmd) in list(self._compiling.items()):
-            if not future.done():
-                continue
-            del self._compiling[request_id]
-            if future.exception() is not None:
-                self._batch.rejected.append((request_id, future.exception()))
+        for cmd, error in self._compiling.ready():
+            if error is not None:
+                self._batch.rejected.append((cmd.request_id, error))
             else:
                 self._add(cmd)
 
@@ -247,8 +239,7 @@ class EngineCore:
             batch = self.step()
             if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten or batch.kvs:
                 send(batch)
-        if self._compiler is not None:
-            self._compiler.shutdown(wait=False, cancel_futures=True)
+        self._compiling.shutdown()
 
 
 def _merge(before: RequestOutput, after: RequestOutput) -> RequestOutput:

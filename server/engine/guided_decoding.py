@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -154,6 +155,61 @@ class GuideCompiler:
         import outlines_core
 
         return outlines_core.Guide(self.index(regex))
+
+
+class PendingCompiles:
+    """Add commands whose pattern is not compiled yet, held while it compiles on a thread off
+    the step loop (an engine process's loop: EngineCore, Seq2SeqCore). A command is anything
+    with `request_id` and `sampling`."""
+
+    def __init__(self, guides: GuideCompiler | None) -> None:
+        self.guides = guides
+        self._pending: dict[str, tuple[Future, object]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def __iter__(self):  # the ids of the requests that wait
+        return iter(list(self._pending))
+
+    def defer(self, cmd) -> bool:
+        """True if `cmd` now waits for its pattern to compile (it comes back from `ready`)."""
+        regex = cmd.sampling.guided_regex
+        if regex is None or self.guides is None or self.guides.has(regex):
+            return False
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guide-compiler")
+        self._pending[cmd.request_id] = (self._pool.submit(self.guides.index, regex), cmd)
+        return True
+
+    def discard(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+
+    def ready(self) -> list[tuple[object, BaseException | None]]:
+        """The commands whose compile has ended, each with the error it gave (None: compiled)."""
+        out = []
+        for request_id, (future, cmd) in list(self._pending.items()):
+            if future.done():
+                del self._pending[request_id]
+                out.append((cmd, future.exception()))
+        return out
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def advance_guides(tokens: list, rows: list[int], guides: list, eos_token_ids) -> None:
+    """Move each guided row's automaton past its sampled token; where that raises, the row's
+    token becomes the exception (that request fails alone). EOS ends the request (its
+    pattern allowed it): nothing to advance."""
+    for i, guide in zip(rows, guides):
+        if not isinstance(tokens[i], Exception) and tokens[i] not in eos_token_ids:
+            try:
+                guide.advance(tokens[i], return_tokens=False)
+            except Exception as e:  # noqa: BLE001
+                tokens[i] = e
 
 
 def mask_logits(logits: torch.Tensor, rows: list[int], guides: list) -> torch.Tensor:

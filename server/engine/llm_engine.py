@@ -17,7 +17,7 @@ import torch
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer, emittable, find_stop
-from server.engine.guided_decoding import GuideCompiler, mask_logits
+from server.engine.guided_decoding import GuideCompiler, advance_guides, mask_logits
 from server.engine.kv_cache_manager import KVCacheManager
 from server.engine.logprobs import token_logprobs
 from server.engine.model_runner import ModelRunner, StepLogits
@@ -206,12 +206,7 @@ class LLMEngine:
                     out.extend(sample(logits[row:row + 1], params[row:row + 1], index[row:row + 1], which[row:row + 1]))
                 except Exception as e:  # noqa: BLE001
                     out.append(e)
-        for i in guided:  # EOS ends the request (its pattern allowed it): nothing to advance
-            if not isinstance(out[i], Exception) and out[i] not in self.eos_token_ids:
-                try:
-                    sampled[i].guide.advance(out[i], return_tokens=False)
-                except Exception as e:  # noqa: BLE001 - this request fails alone
-                    out[i] = e
+        advance_guides(out, guided, [sampled[i].guide for i in guided], self.eos_token_ids)
         return out
 
     def _update_text(self, req: Request) -> None:

@@ -92,13 +92,13 @@ def _check_seq2seq(limits: EngineLimits, prompt_token_ids: list[int], sampling: 
     if need > limits.num_blocks:
         raise RequestError(f"request needs {need} token slots (prompt {n} + prefix {p} + max_tokens "
                            f"{sampling.max_tokens}); the engine holds {limits.num_blocks}")
-    unsupported = [name for name, on in (("n > 1", sampling.n > 1),
-                                         ("prompt_logprobs", sampling.prompt_logprobs is not None),
-                                         ("structured output", sampling.guided_regex is not None)) if on]
-    if unsupported:
-        raise RequestError(f"{', '.join(unsupported)}: not supported for encoder-decoder models yet")
+    if sampling.prompt_logprobs is not None:
+        raise RequestError("prompt_logprobs: not supported for encoder-decoder models yet (the prompt is the "
+                           "encoder's input, which has no next-token logits)")
     if sampling.stop and not limits.has_tokenizer:
         raise RequestError("stop strings need a tokenizer; this engine has none")
+    if sampling.guided_regex is not None and not limits.has_tokenizer:
+        raise RequestError("structured output needs a tokenizer; this engine has none")
 
 
 class RequestStatus(Enum):

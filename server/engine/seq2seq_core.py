@@ -5,8 +5,9 @@ forward per step.
     loop: apply the commands that arrived (add, abort, drop stale prefixes, stop)
           admit waiting requests while the token budget has room: one encoder pass for all
             of them, then each one's cross-attention keys and values (its prefill, once)
-          one decoder step for every running request: sample, stop at EOS or max_tokens,
-            detokenize, stop strings
+          one decoder step for every running request: sample (structured output: only what
+            its pattern allows, guided_decoding.py; the pattern compiles off the loop first),
+            stop at EOS or max_tokens, detokenize, stop strings
           send one StepBatch: every output of the step, the stats, what was forgotten
 
 It speaks the decode loop's protocol (server/engine/engine_core.py): AddRequest, Abort,
@@ -44,6 +45,7 @@ from server.engine.config import EngineConfig
 from server.engine.detokenizer import Detokenizer, emittable, find_stop
 from server.engine.engine_core import AddRequest, Abort, ComputeKV, DropStale, StepBatch, Stop
 from server.engine.fairness import VirtualTokenCounter
+from server.engine.guided_decoding import GuideCompiler, PendingCompiles, advance_guides, mask_logits
 from server.engine.logprobs import token_logprobs
 from server.engine.outputs import EngineStats, FinishReason, RequestOutput
 from server.engine.prefix_lru import PrefixLRU
@@ -81,6 +83,10 @@ class Seq2SeqCore:
         self.limits = EngineLimits(spec=spec, vocab_size=model.vocab_size, num_blocks=self.budget, block_size=1,
                                    has_tokenizer=tokenizer is not None, max_num_seqs=config.max_num_seqs)
         self.detokenizer = Detokenizer(tokenizer)
+        eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else None
+        self.guides = None if tokenizer is None else GuideCompiler(
+            tokenizer, eos if eos is not None else min(model.eos_token_ids), timeout_s=config.guide_compile_timeout_s)
+        self._compiling = PendingCompiles(self.guides)  # structured output: patterns compiling off the loop
         self.prefixes = PrefixLRU(spec, host_prefix_bytes)
         self.waiting = WaitingQueues()  # of _Row, one FIFO per tenant
         self.vtc = VirtualTokenCounter()
@@ -99,6 +105,7 @@ class Seq2SeqCore:
             if isinstance(cmd, AddRequest):
                 self._add(cmd)
             elif isinstance(cmd, Abort):
+                self._compiling.discard(cmd.request_id)
                 self._abort(cmd.request_id)
             elif isinstance(cmd, DropStale):
                 self.prefixes.forget_stale(cmd.tenant, cmd.prefix_id, cmd.keep_version, self._pinned())
@@ -112,6 +119,8 @@ class Seq2SeqCore:
 
     def _add(self, cmd: AddRequest) -> None:
         self._added_through = max(self._added_through, cmd.seq)
+        if self._compiling.defer(cmd):
+            return
         prefix = None
         if cmd.prefix is not None:
             prefix = self.prefixes.get(cmd.prefix, self._pinned())
@@ -122,18 +131,23 @@ class Seq2SeqCore:
             if any(r.req.request_id == cmd.request_id for r in (*self.waiting, *self.running)):
                 raise RequestError(f"request id {cmd.request_id!r} is already in use")
             check_request(self.limits, cmd.prompt_token_ids, cmd.sampling, prefix)
+            prompt = [int(t) for t in cmd.prompt_token_ids]
+            samples = [Request(cmd.request_id, prompt, cmd.sampling, prefix, cmd.arrival_time, cmd.tenant, index=i)
+                       for i in range(cmd.sampling.n)]
+            if cmd.sampling.guided_regex is not None:  # compiled already (cached): raises the GuideError it gave
+                for req in samples:
+                    req.guide = self.guides.guide(cmd.sampling.guided_regex)
         except Exception as e:  # noqa: BLE001 - the caller learns why; the loop goes on
             self._batch.rejected.append((cmd.request_id, e))
             return
-        req = Request(cmd.request_id, [int(t) for t in cmd.prompt_token_ids], cmd.sampling, prefix,
-                      cmd.arrival_time, cmd.tenant)
         cross = 0 if prefix is None else prefix.cross_length
-        slots = len(req.prompt_token_ids) + cross + req.prefix_len + cmd.sampling.max_tokens
+        slots = len(prompt) + cross + samples[0].prefix_len + cmd.sampling.max_tokens  # each sample's
         key = None if cmd.prefix is None else cmd.prefix.key
-        tenant = req.tenant
+        tenant = cmd.tenant
         if not self.waiting.count(tenant) and not any(r.tenant == tenant for r in self.running):
             self.vtc.join(tenant, self._backlogged())
-        self.waiting.append(_Row(req, cmd.stream, slots, key))
+        for req in samples:  # n > 1: a row per sample; those admitted together share one encoder pass
+            self.waiting.append(_Row(req, cmd.stream, slots, key))
 
     def _backlogged(self) -> set[str]:
         return set(self.waiting.tenants()) | {r.tenant for r in self.running}
@@ -154,6 +168,11 @@ class Seq2SeqCore:
 
     def step(self) -> StepBatch:
         """Admit what fits, run one decoder step (if anything runs) and return what to send."""
+        for cmd, error in self._compiling.ready():
+            if error is not None:
+                self._batch.rejected.append((cmd.request_id, error))
+            else:
+                self._add(cmd)
         self._admit()
         if self.running:
             self._decode_step()
@@ -168,28 +187,32 @@ class Seq2SeqCore:
         max_num_seqs and (for the encoder pass) max_num_batched_tokens allow: their encoder
         pass and cross kv."""
         new: list[_Row] = []
+        encoding: dict[str, _Row] = {}  # request id -> its first row admitted now: one encoder row per request
         tokens = 0
         while self.waiting and len(self.running) + len(new) < self.config.max_num_seqs:
             tenant = min(self.waiting.tenants(), key=lambda t: (self.vtc[t], self.waiting.of(t)[0].req.arrival_time))
             row = self.waiting.of(tenant)[0]
-            n = len(row.req.prompt_token_ids)
+            n = 0 if row.req.request_id in encoding else len(row.req.prompt_token_ids)
             if self.reserved + row.slots > self.budget or (new and tokens + n > self.config.max_num_batched_tokens):
                 break  # no overtaking: it is next when slots come back
             self.waiting.popleft(tenant)
             self.vtc.charge(tenant, n)
             self.reserved += row.slots
             new.append(row)
+            encoding.setdefault(row.req.request_id, row)
             tokens += n
         if not new:
             return
         model = self.model
         try:
-            parts = [r.req.prefix for r in new]
-            encoded = model.encode_rows([torch.tensor(r.req.prompt_token_ids) for r in new],
+            first = list(encoding.values())
+            parts = [r.req.prefix for r in first]
+            encoded = model.encode_rows([torch.tensor(r.req.prompt_token_ids) for r in first],
                                         [None if p is None else p.encoder_kv for p in parts])
-            for row, hidden, p in zip(new, encoded, parts):
-                cross = model.cross_kv(hidden, None if p is None else p.cross_kv)
-                row.state = model.decoder_state(cross, p, row.req.sampling.max_tokens)
+            cross = {r.req.request_id: model.cross_kv(hidden, None if p is None else p.cross_kv)
+                     for r, hidden, p in zip(first, encoded, parts)}
+            for row in new:  # the samples of a request share its cross kv tensor
+                row.state = model.decoder_state(cross[row.req.request_id], row.req.prefix, row.req.sampling.max_tokens)
         except Exception as e:  # noqa: BLE001 - these requests fail; the running ones go on
             log.exception("the encoder pass of %d requests failed", len(new))
             for row in new:
@@ -208,7 +231,12 @@ class Seq2SeqCore:
             if self._decode is None:
                 self._decode = self.model.decode_batch([r.state for r in rows])
             logits = self.model.decode_step(self._decode, [r.next_token for r in rows])
-            tokens = sample(logits, [r.req.sampling for r in rows], [len(r.req.output_token_ids) for r in rows])
+            guided = [i for i, r in enumerate(rows) if r.req.guide is not None]
+            guides = [rows[i].req.guide for i in guided]
+            masked = mask_logits(logits, guided, guides) if guided else logits  # logprobs stay the raw ones
+            tokens: list = sample(masked, [r.req.sampling for r in rows], [len(r.req.output_token_ids) for r in rows],
+                                  [r.req.index for r in rows])
+            advance_guides(tokens, guided, guides, self.model.eos_token_ids)
             asked = [i for i, r in enumerate(rows) if r.req.sampling.logprobs is not None]
             if asked:
                 found = token_logprobs(logits[asked], [tokens[i] for i in asked],
@@ -226,6 +254,9 @@ class Seq2SeqCore:
         eos = self.model.eos_token_ids
         for row, token in zip(rows, tokens):
             req = row.req
+            if isinstance(token, Exception):  # its pattern could not take the token: it fails alone
+                self._fail(row, f"structured output: {type(token).__name__}: {token}")
+                continue
             req.output_token_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -296,7 +327,7 @@ class Seq2SeqCore:
         out = RequestOutput(request_id=req.request_id, new_token_ids=new_ids, new_text=text, finished=finished,
                             finish_reason=req.finish_reason, num_prompt_tokens=len(req.prompt_token_ids),
                             num_output_tokens=len(req.output_token_ids), first_token_time=req.first_token_time,
-                            arrival_time=req.arrival_time, error=req.error)
+                            arrival_time=req.arrival_time, error=req.error, index=req.index)
         if req.sampling.logprobs is not None:
             out.logprobs = req.logprobs[req.num_logprobs_emitted:]
             out.cumulative_logprob = req.cumulative_logprob
@@ -323,9 +354,10 @@ class Seq2SeqCore:
         """Until Stop: commands in, one batch out per step (EngineCore.run's contract)."""
         while not self.stopped:
             busy = self.has_unfinished()
-            self.apply(receive(0.0 if busy else idle_wait_s))
+            self.apply(receive(0.0 if busy else 0.005 if self._compiling else idle_wait_s))
             if self.stopped:
                 break
             batch = self.step()
             if busy or batch.outputs or batch.rejected or batch.need_prefix or batch.forgotten or batch.kvs:
                 send(batch)
+        self._compiling.shutdown()

@@ -15,7 +15,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from server.engine.tokenization import encode_text
-from tests.api.harness import sse_events, upload
+from tests.api.harness import ADMIN_KEY, sse_events, upload
 from tests.api.test_classify import zip_folder
 from tests.engine.test_seq2seq import _reference_tokens, peft_seq2seq
 from tests.observability.server_process import ServerProcess
@@ -146,6 +146,39 @@ def test_streaming_gives_the_same_tokens(s2s_server, tokenizer):
                 want, skip_special_tokens=True)
 
 
+def test_n_samples_and_structured_output_through_the_openai_client(s2s_server, tokenizer):
+    import json
+
+    import openai
+
+    server, _, adapters, name = s2s_server
+    prefix_id = list(adapters)[0]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=ADMIN_KEY, max_retries=0)
+    prompt = PROMPTS[1]
+    want = tokenizer.decode(want_tokens(s2s_server, tokenizer, prefix_id, prompt), skip_special_tokens=True)
+    greedy = client.completions.create(model=prefix_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, n=2)
+    assert sorted(c.index for c in greedy.choices) == [0, 1] and [c.text for c in greedy.choices] == [want, want]
+    sampled = [client.completions.create(model=prefix_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=1.0,
+                                         seed=5, n=3) for _ in range(2)]
+    texts = [sorted((c.index, c.text) for c in s.choices) for s in sampled]
+    assert texts[0] == texts[1] and len({t for _, t in texts[0]}) > 1  # seeded: the same 3 samples, not one
+    best = client.completions.create(model=prefix_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=1.0,
+                                     seed=5, n=1, best_of=3)
+    assert len(best.choices) == 1 and best.choices[0].text in {t for _, t in texts[0]}  # the best of the same 3
+    boolean = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {"type": "boolean"}}}
+    for model in (prefix_id, name):
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=1, n=2,
+                                        extra_body={"response_format": boolean})
+        for choice in out.choices:
+            assert choice.finish_reason == "stop" and json.loads(choice.text) in (True, False), choice.text
+    with server.client() as c:
+        with c.stream("POST", "/v1/generate", json={"prefix_id": prefix_id, "prompt": prompt, "max_tokens": 8,
+                                                    "stream": True, "response_format": boolean}) as r:
+            assert r.status_code == 200
+            events = [e for e in sse_events(r) if isinstance(e, dict)]
+        assert json.loads("".join(e["text"] for e in events)) in (True, False)
+
+
 def test_serve_takes_a_seq2seq_folder_and_other_kinds_routes_say_which_kind_is_loaded(s2s_server):
     """serve used to refuse a seq2seq folder (exit 2); now /v1/models names its kind, and the
     routes of causal and seq_cls models answer 400 wrong_model_kind."""
@@ -202,8 +235,9 @@ def test_bad_inputs_get_clear_errors(s2s_server):
         assert r.status_code == 400, r.text
         assert (f"prefix 4 + max_tokens {MAX_POSITIONS} = {MAX_POSITIONS + 4} exceeds the decoder's "
                 f"{MAX_POSITIONS} positions; use max_tokens <= {MAX_POSITIONS - 4}") in r.json()["error"]["message"]
-        r = c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 4, "n": 2, "temperature": 1})
-        assert r.status_code == 400 and "n > 1: not supported" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 4, "echo": True,
+                                            "logprobs": 1})
+        assert r.status_code == 400 and "prompt_logprobs: not supported" in r.json()["error"]["message"], r.text
         r = c.post("/v1/generate", json={"prompt": [3, 10_000], "max_tokens": 4})
         assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], r.text
         # the server still serves

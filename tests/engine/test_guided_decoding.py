@@ -11,11 +11,14 @@ import time
 import pytest
 import torch
 
-from server.engine.engine_core import Abort, AddRequest, EngineCore
+from server.engine.engine_core import Abort, AddRequest, EngineCore, PrefixPayload
 from server.engine.guided_decoding import MAX_SCHEMA_CHARS, GuideError, json_schema_regex, mask_logits, token_bytes
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import FinishReason
 from server.engine.sampling_params import SamplingParams
+from server.engine.seq2seq import PrefixSeq2Seq
+from server.engine.seq2seq_core import Seq2SeqCore
+from server.prefix import PrefixRef
 from tests.api.harness import tiny_tokenizer
 from tests.factories import make_engine, random_prefix, tiny_llama
 
@@ -132,6 +135,57 @@ def test_the_engine_process_compiles_a_pattern_off_its_step_loop():
         time.sleep(0.005)
     assert not core._compiling and "gone" not in engine.requests
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
+
+
+def test_an_encoder_decoder_holds_its_output_to_the_pattern_beside_free_requests():
+    """Seq2SeqCore (BART): guided rows, one on a prefix, in the decoder steps of a free row;
+    the free row gets its tokens alone, the guided rows text that matches, ended by EOS."""
+    from tests.engine.test_seq2seq import tiny_bart
+
+    tok = tiny_tokenizer()
+    model = PrefixSeq2Seq(tiny_bart(vocab=len(tok)))
+    regex = "(cat|dog|bird)( (cat|dog|bird)){2}"
+    free = AddRequest("free", [5, 6, 7, 8], SamplingParams(max_tokens=12, ignore_eos=True), None, 0.0, seq=1)
+    kv = torch.randn(3, 2, 4, 5, 8) * 0.5  # the decoder self-attention part [L, 2, H, P, hd]
+    ref = PrefixRef("acme", "p", "v1")
+    guided = [AddRequest("g", [9, 10, 11], SamplingParams(max_tokens=30, guided_regex=regex), None, 0.0, seq=2),
+              AddRequest("gp", [12, 13], SamplingParams(max_tokens=30, guided_regex=regex, temperature=1.0, seed=3),
+                         PrefixPayload((ref,), (ref,), kv), 0.0, seq=3)]
+
+    def run(core: Seq2SeqCore, cmds) -> dict[str, list]:
+        core.apply(cmds)
+        got: dict[str, list] = {}
+        deadline = time.monotonic() + 60
+        while (core.has_unfinished() or core._compiling) and time.monotonic() < deadline:
+            batch = core.step()
+            assert not batch.rejected, batch.rejected
+            for out in batch.outputs:
+                got.setdefault(out.request_id, []).append(out)
+            time.sleep(0.001)
+        assert not core.has_unfinished()
+        return got
+
+    alone = run(Seq2SeqCore(model, tokenizer=tok), [free])
+    core = Seq2SeqCore(model, tokenizer=tok)
+    mixed = run(core, [free, *guided])
+    assert [t for o in mixed["free"] for t in o.new_token_ids] == [t for o in alone["free"] for t in o.new_token_ids]
+    for rid in ("g", "gp"):
+        text = "".join(o.new_text for o in mixed[rid])
+        assert re.fullmatch(regex, text), (rid, text)
+        assert mixed[rid][-1].finish_reason is FinishReason.STOP and mixed[rid][-1].new_token_ids[-1] == 2
+    assert core.reserved == 0
+    # a pattern no token sequence can follow is refused with the reason; an abort while compiling leaves nothing
+    core.apply([AddRequest("never", [5], SamplingParams(max_tokens=4, guided_regex="\x00\x01"), None, 0.0, seq=4),
+                AddRequest("gone", [5], SamplingParams(max_tokens=4, guided_regex="[a-z]{1,3}"), None, 0.0, seq=5),
+                Abort("gone")])
+    rejected, deadline = [], time.monotonic() + 60
+    while not rejected and time.monotonic() < deadline:
+        batch = core.step()
+        assert not batch.outputs
+        rejected = batch.rejected
+        time.sleep(0.005)
+    assert [r for r, _ in rejected] == ["never"] and isinstance(rejected[0][1], GuideError)
+    assert not list(core._compiling) and not core.has_unfinished()
 
 
 def test_structured_output_needs_a_tokenizer():

@@ -21,11 +21,11 @@ TOL = 1e-4
 STEPS = 6
 
 
-def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
+def tiny_bart(seed: int = 0, vocab: int = VOCAB) -> BartForConditionalGeneration:
     """3 encoder and 3 decoder layers (an odd L, so every prefix block is used), d_model 32,
-    4 heads, vocab 96, float32. No forced tokens, so generate is plain greedy."""
+    4 heads, vocab 96 (unless told), float32. No forced tokens, so generate is plain greedy."""
     torch.manual_seed(seed)
-    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=3, decoder_layers=3,
+    cfg = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=3, decoder_layers=3,
                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                      decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
                      pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,

@@ -228,18 +228,59 @@ def test_seeded_sampling_and_logprobs_do_not_depend_on_the_batch(setup):
     assert torch.allclose(torch.tensor(lps), want_lps[:len(lps)], atol=1e-4)
 
 
+def by_sample(outs) -> dict[int, list[int]]:
+    got: dict[int, list[int]] = {}
+    for o in outs:
+        got.setdefault(o.index, []).extend(o.new_token_ids)
+    return got
+
+
+def test_n_samples_share_one_encoder_pass_and_do_not_depend_on_the_batch(setup):
+    base, engine, adapters = setup
+    kv = adapters[1][2]
+    ids = _ids(21, 7)
+    calls = {"encoder_rows": 0}
+    hook = engine.encoder.register_forward_hook(
+        lambda m, args, kwargs, out: calls.__setitem__("encoder_rows", calls["encoder_rows"] + out[0].shape[0]),
+        with_kwargs=True)
+    try:
+        sampled = dict(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True, n=3)
+        alone, _ = run(Seq2SeqCore(engine), {0: [add("s", ids, payload(kv, "p1"), **sampled)]})
+        assert calls["encoder_rows"] == 1  # three samples, one encoder row
+    finally:
+        hook.remove()
+    core = Seq2SeqCore(engine)
+    mixed, _ = run(core, {0: [add("g", _ids(22, 5), payload(adapters[0][2], "p0"), 8, ignore_eos=True)],
+                          1: [add("s", ids, payload(kv, "p1"), **sampled),
+                              add("greedy", ids, payload(kv, "p1"), 6, n=2)]})
+    samples = by_sample(alone["s"])
+    assert sorted(samples) == [0, 1, 2] and by_sample(mixed["s"]) == samples
+    assert len({tuple(t) for t in samples.values()}) > 1  # the samples draw apart
+    assert sum(o.finished for o in mixed["s"]) == 3
+    greedy = by_sample(mixed["greedy"])
+    assert greedy[0] == greedy[1] == solo(base, adapters, 1, ids, 6, engine)
+    assert core.reserved == 0
+    # an abort ends every sample and frees their slots
+    core.apply([add("gone", ids, payload(kv, "p1"), 20, n=3, ignore_eos=True)])
+    core.step()
+    assert len(core.running) == 3
+    core.apply([Abort("gone")])
+    core.step()
+    assert not core.has_unfinished() and core.reserved == 0
+
+
 def test_bad_requests_are_refused_and_the_loop_goes_on(setup):
     _, engine, adapters = setup
     core = Seq2SeqCore(engine)
     limit = engine.spec.max_model_len
     core.apply([add("long", [3] * (limit + 1), None, 4),
-                add("n2", _ids(1, 3), None, 4, n=2),
+                add("plp", _ids(1, 3), None, 4, prompt_logprobs=1),
                 add("many", _ids(1, 3), payload(adapters[1][2], "p1"), limit - 7),
                 add("ok", _ids(1, 3), None, 2)])
     batch = core.step()
     errors = {rid: str(e) for rid, e in batch.rejected}
     assert errors["long"] == f"prompt of {limit + 1} tokens is longer than the encoder's {limit} positions"
-    assert "n > 1: not supported for encoder-decoder models yet" in errors["n2"]
+    assert errors["plp"].startswith("prompt_logprobs: not supported for encoder-decoder models yet")
     assert errors["many"].startswith(f"prefix 8 + max_tokens {limit - 7} = {limit + 1} exceeds the decoder's {limit}")
     assert "ok" not in errors and batch.outputs[0].request_id == "ok"
 
