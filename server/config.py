@@ -147,6 +147,10 @@ class Settings(BaseSettings):
 
     # --- lifecycle
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown waits this long for running requests")
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="an idle client connection stays open this long: longer than client pools keep one "
+                                "(httpx and the openai client: 5 s) and than load balancers' idle timeouts (60 s), "
+                                "so a client never sends on a connection the server is closing")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
     # --- the client commands (`prefix-serve upload`, `prefix-serve prefixes`)
@@ -227,7 +231,7 @@ SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url
                                          "max_jobs_per_tenant", "worker_max_jobs", "max_train_examples", "max_train_example_tokens",
                                          "max_train_steps", "max_train_virtual_tokens", "job_claim_timeout_s",
                                          "job_max_attempts", "namespace", "metrics_key", "metrics_port",
-                                         "metrics_host", "docs", "drain_timeout_s", "log_level")}
+                                         "metrics_host", "docs", "drain_timeout_s", "keep_alive_s", "log_level")}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, fields: dict[str, str | None] | None = None) -> None:

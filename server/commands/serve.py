@@ -164,6 +164,7 @@ def _serve(settings: Settings, redis_url: str, generated_key: bool) -> int:
         print(f"prefix-serve: admin key: {settings.admin_key.get_secret_value()} "
               f"(saved in {settings.cache_dir / ADMIN_KEY_FILE})", flush=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_keep_alive=settings.keep_alive_s,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
     try:
         DrainingServer(config, app.state.ctx.drain, settings.drain_timeout_s).run()

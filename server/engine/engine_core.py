@@ -190,11 +190,7 @@ class EngineCore:
 
     def _add_compiled(self) -> None:
         """Add the requests whose pattern has compiled (or reject them, saying why)."""
-        for cmd, error in self._compiling.ready():
-            if error is not None:
-                self._batch.rejected.append((cmd.request_id, error))
-            else:
-                self._add(cmd)
+        self._compiling.drain(self._add, lambda request_id, e: self._batch.rejected.append((request_id, e)))
 
     def step(self) -> StepBatch:
         """Run one step (if there is work) and return everything to send for it."""

@@ -186,14 +186,17 @@ class PendingCompiles:
     def discard(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
-    def ready(self) -> list[tuple[object, BaseException | None]]:
-        """The commands whose compile has ended, each with the error it gave (None: compiled)."""
-        out = []
+    def drain(self, add, reject) -> None:
+        """Hand each command whose compile has ended to `add(cmd)`, or to
+        `reject(request_id, error)` when its pattern failed to compile."""
         for request_id, (future, cmd) in list(self._pending.items()):
             if future.done():
                 del self._pending[request_id]
-                out.append((cmd, future.exception()))
-        return out
+                error = future.exception()
+                if error is None:
+                    add(cmd)
+                else:
+                    reject(request_id, error)
 
     def shutdown(self) -> None:
         if self._pool is not None:

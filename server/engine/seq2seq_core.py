@@ -168,11 +168,7 @@ class Seq2SeqCore:
 
     def step(self) -> StepBatch:
         """Admit what fits, run one decoder step (if anything runs) and return what to send."""
-        for cmd, error in self._compiling.ready():
-            if error is not None:
-                self._batch.rejected.append((cmd.request_id, error))
-            else:
-                self._add(cmd)
+        self._compiling.drain(self._add, lambda request_id, e: self._batch.rejected.append((request_id, e)))
         self._admit()
         if self.running:
             self._decode_step()

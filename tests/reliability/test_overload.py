@@ -61,3 +61,29 @@ def test_twice_the_capacity_is_refused_with_429_and_loses_nothing(served):
     # memory comes back: idle after within 10% (or 48 MB, allocator noise) of idle before
     assert rss["after"] <= rss["before"] + max(48.0, 0.1 * rss["before"]), rss
     assert "Traceback" not in serve.log(), serve.log_tail(60)
+
+
+def test_an_idle_connection_stays_open_longer_than_client_pools_keep_it(served):
+    """A client pool (httpx, the openai client) keeps an idle connection 5 s; a server that
+    closed it at 5 s too raced the client's next request on it (a ReadError in this file's
+    overload test). serve keeps it open for --keep-alive-s (75 s)."""
+    import http.client
+    import time
+    from urllib.parse import urlsplit
+
+    serve, _, _ = served
+    u = urlsplit(serve.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        time.sleep(6.0)  # past uvicorn's default keep-alive of 5 s
+        conn.request("GET", "/health")  # http.client would reconnect if the server had closed
+        second = conn.getresponse()
+        second.read()
+        assert (first.status, second.status) == (200, 200)
+        assert conn.sock is sock, "the server closed the idle connection"
+    finally:
+        conn.close()
