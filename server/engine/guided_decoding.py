@@ -103,6 +103,15 @@ class GuideCompiler:
         self._indexes: OrderedDict[str, object] = OrderedDict()  # regex -> Index, or the GuideError it gave
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_engine(cls, tokenizer, eos_token_ids, timeout_s: float) -> "GuideCompiler | None":
+        """An engine's compiler (None without a tokenizer): a pattern ends with the
+        tokenizer's EOS, or the model's lowest EOS id where the tokenizer names none."""
+        if tokenizer is None:
+            return None
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_token_ids)
+        return cls(tokenizer, eos, timeout_s=timeout_s)
+
     def has(self, regex: str) -> bool:
         with self._lock:
             return regex in self._indexes

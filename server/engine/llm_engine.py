@@ -49,9 +49,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.detokenizer = Detokenizer(tokenizer)
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        self.guides = None if tokenizer is None else GuideCompiler(
-            tokenizer, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(self.eos_token_ids),
-            timeout_s=config.guide_compile_timeout_s)
+        self.guides = GuideCompiler.for_engine(tokenizer, self.eos_token_ids, config.guide_compile_timeout_s)
         self.requests: dict[str, list[Request]] = {}  # request id -> its samples (n of them)
         self._stats = EngineStats()
         self.limits = EngineLimits(spec=self.spec, vocab_size=int(model.config.vocab_size),

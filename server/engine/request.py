@@ -44,6 +44,10 @@ def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: S
         raise PrefixError(f"the prefix was checked against another model (fingerprint {prefix.spec.fingerprint}, "
                           f"{prefix.spec.num_layers} layers); this engine runs {spec.fingerprint}: make it with "
                           "this engine's make_prefix")
+    if sampling.stop and not limits.has_tokenizer:
+        raise RequestError("stop strings need a tokenizer; this engine has none")
+    if sampling.guided_regex is not None and not limits.has_tokenizer:
+        raise RequestError("structured output needs a tokenizer; this engine has none")
     p = prefix.length if prefix is not None else 0
     if spec.kind is ModelKind.SEQ2SEQ_LM:
         _check_seq2seq(limits, prompt_token_ids, sampling, p)
@@ -57,18 +61,18 @@ def check_request(limits: EngineLimits, prompt_token_ids: list[int], sampling: S
         raise RequestError(f"prefix {p} + prompt {n} + max_tokens {sampling.max_tokens} = "
                            f"{p + n + sampling.max_tokens} exceeds the context of {limit} tokens; "
                            f"use max_tokens <= {limit - p - n}")
-    vocab = limits.vocab_size  # after the length checks: a huge prompt is refused in O(1)
-    bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    _check_vocab(limits, prompt_token_ids)  # after the length checks: a huge prompt is refused in O(1)
     need = blocks_for(p, limits.block_size) + blocks_for(n + sampling.max_tokens, limits.block_size)
     if need > limits.num_blocks:
         raise RequestError(f"request needs {need} KV blocks of {limits.block_size} tokens; the pool has "
                            f"{limits.num_blocks}")
-    if sampling.stop and not limits.has_tokenizer:
-        raise RequestError("stop strings need a tokenizer; this engine has none")
-    if sampling.guided_regex is not None and not limits.has_tokenizer:
-        raise RequestError("structured output needs a tokenizer; this engine has none")
+
+
+def _check_vocab(limits: EngineLimits, prompt_token_ids: list[int]) -> None:
+    vocab = limits.vocab_size
+    bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
 
 
 def _check_seq2seq(limits: EngineLimits, prompt_token_ids: list[int], sampling: SamplingParams, p: int) -> None:
@@ -84,10 +88,7 @@ def _check_seq2seq(limits: EngineLimits, prompt_token_ids: list[int], sampling: 
     if p + sampling.max_tokens > limit:
         raise RequestError(f"prefix {p} + max_tokens {sampling.max_tokens} = {p + sampling.max_tokens} exceeds the "
                            f"decoder's {limit} positions; use max_tokens <= {limit - p}")
-    vocab = limits.vocab_size
-    bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise RequestError(f"prompt has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    _check_vocab(limits, prompt_token_ids)
     need = n + p + sampling.max_tokens
     if need > limits.num_blocks:
         raise RequestError(f"request needs {need} token slots (prompt {n} + prefix {p} + max_tokens "
@@ -95,10 +96,6 @@ def _check_seq2seq(limits: EngineLimits, prompt_token_ids: list[int], sampling: 
     if sampling.prompt_logprobs is not None:
         raise RequestError("prompt_logprobs: not supported for encoder-decoder models yet (the prompt is the "
                            "encoder's input, which has no next-token logits)")
-    if sampling.stop and not limits.has_tokenizer:
-        raise RequestError("stop strings need a tokenizer; this engine has none")
-    if sampling.guided_regex is not None and not limits.has_tokenizer:
-        raise RequestError("structured output needs a tokenizer; this engine has none")
 
 
 class RequestStatus(Enum):

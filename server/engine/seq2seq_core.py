@@ -83,9 +83,7 @@ class Seq2SeqCore:
         self.limits = EngineLimits(spec=spec, vocab_size=model.vocab_size, num_blocks=self.budget, block_size=1,
                                    has_tokenizer=tokenizer is not None, max_num_seqs=config.max_num_seqs)
         self.detokenizer = Detokenizer(tokenizer)
-        eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else None
-        self.guides = None if tokenizer is None else GuideCompiler(
-            tokenizer, eos if eos is not None else min(model.eos_token_ids), timeout_s=config.guide_compile_timeout_s)
+        self.guides = GuideCompiler.for_engine(tokenizer, model.eos_token_ids, config.guide_compile_timeout_s)
         self._compiling = PendingCompiles(self.guides)  # structured output: patterns compiling off the loop
         self.prefixes = PrefixLRU(spec, host_prefix_bytes)
         self.waiting = WaitingQueues()  # of _Row, one FIFO per tenant

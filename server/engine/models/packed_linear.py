@@ -4,7 +4,9 @@ W pre-packed once for oneDNN where that is faster.
 On a CPU, in bfloat16, oneDNN's linear with a pre-packed weight skips re-laying out the
 weight on every call and is 1.3-2x faster than F.linear at decode batch sizes, with the
 same bits (measured on the development machine; tests compare the two). float32 and GPUs
-use F.linear: the float32 parity tests stay on the exact path they always used.
+use F.linear: the float32 parity tests stay on the exact path they always used. So does a
+CPU without oneDNN's bf16 path (AVX2 only: no avx512bw/vl/dq nor avx_ne_convert), where
+packing a bf16 weight raises.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import torch
 import torch.nn.functional as F
 
 BATCH_HINT = 64  # the batch size oneDNN lays the packed weight out for; any batch size works
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN computes bf16 linears on this CPU (it refuses to pack for them otherwise)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear:
@@ -26,7 +33,7 @@ class PackedLinear:
         self.weight = w
         self.out_features = w.shape[0]
         self.packed = None
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and onednn_bf16():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
