@@ -149,7 +149,9 @@ def cpu_model() -> str:
         return platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return f"{name} ({', '.join(f for f in ('amx_bf16', 'avx512_bf16') if f in flags) or 'no bf16 matmul units'})"
+    bf16 = ', '.join(f for f in ('amx_bf16', 'avx512_bf16') if f in flags) or 'no bf16 matmul units'
+    vector = next((f for f in ('avx512f', 'avx2') if f in flags), 'no avx2')
+    return f"{name} ({bf16}; {vector})"
 
 
 def matmul_peak(dtype: torch.dtype) -> dict:

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     kv_cache_bytes: int = Field(512 * MiB, gt=0, description="memory of the paged KV pool")
     block_size: int = Field(16, gt=0, description="tokens per KV block")
     max_num_seqs: int = Field(128, gt=0, description="requests running at once")
+    kv_reserve_fraction: float = Field(
+        1 / 16, ge=0, lt=1, description="the KV pool's last blocks, this fraction of it, go only to a tenant running "
+                                        "fewer requests than its share if one more tenant arrived: one tenant's "
+                                        "flood stops short of them and a newcomer starts at once")
     max_num_batched_tokens: int = Field(1024, gt=0, description="tokens in one forward pass")
     max_model_len: int | None = Field(None, gt=0, description="context length; unset = the model's")
     prefill_attention_budget: int = Field(
@@ -191,7 +195,7 @@ class Settings(BaseSettings):
         from server.engine.config import EngineConfig
 
         return EngineConfig(block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
-                            max_num_seqs=self.max_num_seqs,
+                            max_num_seqs=self.max_num_seqs, kv_reserve_fraction=self.kv_reserve_fraction,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             prefill_attention_budget=self.prefill_attention_budget,
                             max_model_len=self.max_model_len, guide_compile_timeout_s=self.guide_compile_timeout_s)
@@ -219,7 +223,7 @@ WORKER_FIELDS = {  # field -> the worker's older flag name, kept working
 CLIENT_FIELDS = {"url": None, "api_key": "--key", "client_timeout_s": "--timeout"}
 SERVER_FIELDS = {name: None for name in ("host", "port", "admin_key", "redis_url", "redis_wait_replicas",
                                          "redis_wait_timeout_ms", "cache_dir", "model", "dtype",
-                                         "device", "kv_cache_bytes", "block_size", "max_num_seqs",
+                                         "device", "kv_cache_bytes", "block_size", "max_num_seqs", "kv_reserve_fraction",
                                          "max_num_batched_tokens", "prefill_attention_budget", "max_model_len",
                                          "guide_compile_timeout_s",
                                          "max_queue", "retry_after_s", "max_choices", "request_timeout_s",

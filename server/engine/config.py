@@ -11,6 +11,10 @@ class EngineConfig:
     num_blocks: int | None = None  # None: as many as fit in kv_cache_bytes
     kv_cache_bytes: int = 512 * 2**20  # budget for the KV pool when num_blocks is None
     max_num_seqs: int = 128  # running requests at most
+    # The pool's last blocks (this fraction, rounded down) are kept for a tenant running fewer
+    # requests than it would get if one more tenant arrived (scheduler.py, _admit): a flood
+    # of one tenant's requests stops there, so a newcomer starts at once.
+    kv_reserve_fraction: float = 1 / 16
     max_num_batched_tokens: int = 1024  # tokens in one forward pass (prefill chunks + decodes)
     # Query x key pairs of prefill attention in one step (new tokens x the keys each attends
     # to): a long prompt's chunks shrink as its context grows, so a step stays short.
@@ -27,6 +31,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if not 0 <= self.kv_reserve_fraction < 1:
+            raise ValueError(f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.prefill_attention_budget < 1:

@@ -38,6 +38,22 @@ class KVCacheManager:
     def num_free(self) -> int:
         return self.pool.num_free
 
+    @property
+    def num_available(self) -> int:
+        """Blocks free now or once unused prefixes are evicted."""
+        return self.pool.num_free + self.prefixes.evictable_blocks()
+
+    def blocks_to_start(self, req: Request, num_tokens: int) -> int:
+        """Of the available blocks, how many starting req with `num_tokens` own slots takes:
+        its own, plus its prefix's unless a running request already holds them."""
+        own = blocks_for(num_tokens, self.block_size)
+        if req.prefix is None:
+            return own
+        entry = self.prefixes.get(req.prefix.key)
+        if entry is None:
+            return own + blocks_for(req.prefix.length, self.block_size)
+        return own + (len(entry.blocks) if entry.users == 0 else 0)
+
     def blocks_needed(self, prefix_len: int, num_tokens: int) -> int:
         """Blocks a request holds at most: its prefix's and its own `num_tokens`."""
         return blocks_for(prefix_len, self.block_size) + blocks_for(num_tokens, self.block_size)

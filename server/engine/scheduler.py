@@ -116,6 +116,7 @@ class Scheduler:
         self.vtc = VirtualTokenCounter()
         self.num_running_of: Counter[str] = Counter()  # tenant -> running requests (no zeros)
         self.num_preemptions = 0
+        self.kv_reserve = int(kv.num_blocks * config.kv_reserve_fraction)  # blocks (_admit)
 
     def add(self, request: Request) -> None:
         tenant = request.tenant
@@ -268,8 +269,14 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, token_share: dict[str, int], pair_share: dict[str, int]) -> None:
         share = self._slot_share()
+        # The pool's last kv_reserve blocks go only to a tenant running fewer requests than
+        # its share if one more tenant arrived: one tenant's flood stops short of them, and a
+        # newcomer (or a light tenant beside the flood) starts at once instead of waiting for
+        # a flooding request to end.
+        newcomer_share = self.config.max_num_seqs // (len(self._backlogged()) + 1)
+        available, held = self.kv.num_available, set()
         while len(self.running) < self.config.max_num_seqs:
-            tenants = [t for t in self.waiting.tenants() if token_share.get(t, 0) > 0]
+            tenants = [t for t in self.waiting.tenants() if token_share.get(t, 0) > 0 and t not in held]
             if not tenants:
                 return
             # below its share of the batch first, then the least served, then the oldest
@@ -278,6 +285,11 @@ class Scheduler:
             req = self.waiting.of(tenant)[0]
             saved = token_share[tenant], pair_share[tenant]
             num_new = self._chunk(req, token_share, pair_share)
+            takes = self.kv.blocks_to_start(req, num_new)
+            if self.num_running_of[tenant] >= max(1, newcomer_share) and available - takes < self.kv_reserve:
+                token_share[tenant], pair_share[tenant] = saved
+                held.add(tenant)  # the reserve is not for it; a tenant below the line may use it
+                continue
             if not self.kv.acquire_prefix(req):
                 token_share[tenant], pair_share[tenant] = saved
                 return  # wait until running requests free blocks (no overtaking)
@@ -285,6 +297,7 @@ class Scheduler:
                 self.kv.free(req)
                 token_share[tenant], pair_share[tenant] = saved
                 return
+            available -= takes
             self.waiting.popleft(tenant)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -18,9 +18,10 @@ BLOCK = 16
 
 
 def make_scheduler(num_blocks: int = 4096, budget: int = 256, max_seqs: int = 16,
-                   attention_budget: int = 1 << 30) -> Scheduler:
+                   attention_budget: int = 1 << 30, kv_reserve_fraction: float = 1 / 16) -> Scheduler:
     config = EngineConfig(block_size=BLOCK, num_blocks=num_blocks, max_num_batched_tokens=budget,
-                          max_num_seqs=max_seqs, prefill_attention_budget=attention_budget)
+                          max_num_seqs=max_seqs, prefill_attention_budget=attention_budget,
+                          kv_reserve_fraction=kv_reserve_fraction)
     return Scheduler(config, KVCacheManager(num_blocks, BLOCK, write_prefix=lambda blocks, kv: None))
 
 
@@ -128,6 +129,48 @@ def test_slots_are_shared_without_ping_pong_between_two_backlogged_tenants():
     served = served_tokens(s, 100)
     assert abs(served["heavy"] - served["light"]) <= 0.1 * max(served.values()), served
     assert s.num_preemptions == preemptions  # slots change hands when requests finish, not by preemption
+
+
+def test_a_flood_that_fills_the_pool_leaves_the_reserve_to_a_newcomer():
+    # Each request holds one block for its life (8 prompt + 4 output tokens <= 16): nothing
+    # grows, so only admission decides who holds the pool's 20 blocks (4 of them the reserve).
+    s = make_scheduler(num_blocks=20, budget=512, max_seqs=32, kv_reserve_fraction=0.2)
+    assert s.kv_reserve == 4
+    for i in range(40):
+        s.add(make_request(f"h{i}", "flood", prompt_len=8, max_tokens=4))
+    step(s)
+    # alone, the flood may run up to half the batch (16) before the reserve stops it: 16 run
+    assert len(s.running) == 16 and s.kv.num_free == 4
+    light = make_request("l0", "light", prompt_len=8, max_tokens=4)
+    s.add(light)
+    assert light in [r for r, _ in step(s)]  # started the step it came, taking a reserve block
+    assert s.num_preemptions == 0 and s.kv.num_free == 3
+    while not light.is_finished:
+        step(s)
+    step(s)  # the flood's next requests take the blocks freed, down to the line again
+    assert len(s.running) == 16 and s.kv.num_free == 4 and s.num_preemptions == 0
+
+
+def test_without_a_reserve_the_newcomer_waits_for_a_flooding_request_to_end():
+    # the same flood as above, kv_reserve_fraction 0: the light request waits (this is what the
+    # reserve changes)
+    s = make_scheduler(num_blocks=20, budget=512, max_seqs=32, kv_reserve_fraction=0.0)
+    for i in range(40):
+        s.add(make_request(f"h{i}", "flood", prompt_len=8, max_tokens=4))
+    step(s)
+    assert len(s.running) == 20 and s.kv.num_free == 0
+    light = make_request("l0", "light", prompt_len=8, max_tokens=4)
+    s.add(light)
+    assert light not in [r for r, _ in step(s)]
+
+
+def test_a_tenant_with_nothing_running_may_use_the_whole_pool():
+    # max_num_seqs 1: a newcomer's share would be 0, but a tenant with nothing running is never
+    # held by the reserve, so a request as big as the pool still starts
+    s = make_scheduler(num_blocks=20, budget=512, max_seqs=1, kv_reserve_fraction=0.2)
+    big = make_request("big", "t", prompt_len=20 * BLOCK - 1, max_tokens=2)
+    s.add(big)
+    assert [r for r, _ in step(s)] == [big] and s.kv.num_free == 0
 
 
 def test_a_single_tenant_is_never_preempted_for_fairness():
