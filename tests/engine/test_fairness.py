@@ -131,18 +131,23 @@ def test_slots_are_shared_without_ping_pong_between_two_backlogged_tenants():
     assert s.num_preemptions == preemptions  # slots change hands when requests finish, not by preemption
 
 
-def test_a_flood_that_fills_the_pool_leaves_the_reserve_to_a_newcomer():
-    # Each request holds one block for its life (8 prompt + 4 output tokens <= 16): nothing
-    # grows, so only admission decides who holds the pool's 20 blocks (4 of them the reserve).
-    s = make_scheduler(num_blocks=20, budget=512, max_seqs=32, kv_reserve_fraction=0.2)
-    assert s.kv_reserve == 4
+def flooded(kv_reserve_fraction: float) -> tuple[Scheduler, Request]:
+    """A pool of 20 blocks after one step of a 40-request flood, and a light tenant's request
+    just added. Each request holds one block for its life (8 prompt + 4 output tokens <= 16):
+    nothing grows, so only admission decides who holds the pool."""
+    s = make_scheduler(num_blocks=20, budget=512, max_seqs=32, kv_reserve_fraction=kv_reserve_fraction)
     for i in range(40):
         s.add(make_request(f"h{i}", "flood", prompt_len=8, max_tokens=4))
     step(s)
-    # alone, the flood may run up to half the batch (16) before the reserve stops it: 16 run
-    assert len(s.running) == 16 and s.kv.num_free == 4
     light = make_request("l0", "light", prompt_len=8, max_tokens=4)
     s.add(light)
+    return s, light
+
+
+def test_a_flood_that_fills_the_pool_leaves_the_reserve_to_a_newcomer():
+    s, light = flooded(0.2)
+    # alone, the flood may run up to half the batch (16) before the reserve (4 blocks) stops it
+    assert s.kv_reserve == 4 and len(s.running) == 16 and s.kv.num_free == 4
     assert light in [r for r, _ in step(s)]  # started the step it came, taking a reserve block
     assert s.num_preemptions == 0 and s.kv.num_free == 3
     while not light.is_finished:
@@ -152,15 +157,8 @@ def test_a_flood_that_fills_the_pool_leaves_the_reserve_to_a_newcomer():
 
 
 def test_without_a_reserve_the_newcomer_waits_for_a_flooding_request_to_end():
-    # the same flood as above, kv_reserve_fraction 0: the light request waits (this is what the
-    # reserve changes)
-    s = make_scheduler(num_blocks=20, budget=512, max_seqs=32, kv_reserve_fraction=0.0)
-    for i in range(40):
-        s.add(make_request(f"h{i}", "flood", prompt_len=8, max_tokens=4))
-    step(s)
+    s, light = flooded(0.0)  # what the reserve changes: the flood holds every block
     assert len(s.running) == 20 and s.kv.num_free == 0
-    light = make_request("l0", "light", prompt_len=8, max_tokens=4)
-    s.add(light)
     assert light not in [r for r, _ in step(s)]
 
 
